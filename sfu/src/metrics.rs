@@ -1,0 +1,109 @@
+//! The engine's counters and gauges, registered in a Prometheus registry the caller owns.
+//!
+//! Counters are atomics updated by the engine thread only; label values are resolved once here so
+//! the per-packet path never hashes a label.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::forwarder::DropReason;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub rooms: IntGauge,
+    pub participants: IntGauge,
+    pub peers: IntGauge,
+    pub tracks_audio: IntGauge,
+    pub tracks_video: IntGauge,
+    pub down_tracks: IntGauge,
+    pub udp_datagrams_in: IntCounter,
+    pub udp_bytes_in: IntCounter,
+    pub udp_datagrams_out: IntCounter,
+    pub udp_bytes_out: IntCounter,
+    pub udp_send_errors: IntCounter,
+    pub rtp_packets_in_audio: IntCounter,
+    pub rtp_packets_in_video: IntCounter,
+    pub rtp_bytes_in: IntCounter,
+    pub rtp_packets_forwarded_audio: IntCounter,
+    pub rtp_packets_forwarded_video: IntCounter,
+    pub rtp_bytes_forwarded: IntCounter,
+    dropped: Vec<IntCounter>,
+    pub nacks_received: IntCounter,
+    pub nack_retransmits: IntCounter,
+    pub plis_received: IntCounter,
+    pub plis_sent: IntCounter,
+    pub keyframe_requests_throttled: IntCounter,
+    pub peers_timed_out: IntCounter,
+    pub engine_panics_caught: IntCounter,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        }
+        fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> prometheus::Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let tracks = IntGauge::new("warbler_tracks_audio", "Published audio tracks")?;
+        r_register(registry, &tracks)?;
+        let tracks_video = IntGauge::new("warbler_tracks_video", "Published video tracks")?;
+        r_register(registry, &tracks_video)?;
+        let rtp_in = counter_vec(registry, "warbler_rtp_packets_in_total", "RTP packets received from publishers", "kind")?;
+        let rtp_fwd = counter_vec(registry, "warbler_rtp_packets_forwarded_total", "RTP packets forwarded to subscribers", "kind")?;
+        let dropped_vec = counter_vec(registry, "warbler_packets_dropped_total", "Packets not forwarded, by reason", "reason")?;
+        let dropped = DropReason::ALL
+            .iter()
+            .map(|r| dropped_vec.with_label_values(&[r.as_str()]))
+            .collect();
+        Ok(Self {
+            rooms: gauge(registry, "warbler_rooms", "Rooms with at least one participant")?,
+            participants: gauge(registry, "warbler_participants", "Participants in all rooms")?,
+            peers: gauge(registry, "warbler_peer_connections", "Peer connections")?,
+            tracks_audio: tracks,
+            tracks_video,
+            down_tracks: gauge(registry, "warbler_down_tracks", "Tracks being sent to subscribers")?,
+            udp_datagrams_in: counter(registry, "warbler_udp_datagrams_in_total", "Datagrams received on the RTC port")?,
+            udp_bytes_in: counter(registry, "warbler_udp_bytes_in_total", "Bytes received on the RTC port")?,
+            udp_datagrams_out: counter(registry, "warbler_udp_datagrams_out_total", "Datagrams sent from the RTC port")?,
+            udp_bytes_out: counter(registry, "warbler_udp_bytes_out_total", "Bytes sent from the RTC port")?,
+            udp_send_errors: counter(registry, "warbler_udp_send_errors_total", "Datagrams the kernel refused")?,
+            rtp_packets_in_audio: rtp_in.with_label_values(&["audio"]),
+            rtp_packets_in_video: rtp_in.with_label_values(&["video"]),
+            rtp_bytes_in: counter(registry, "warbler_rtp_bytes_in_total", "RTP payload bytes received from publishers")?,
+            rtp_packets_forwarded_audio: rtp_fwd.with_label_values(&["audio"]),
+            rtp_packets_forwarded_video: rtp_fwd.with_label_values(&["video"]),
+            rtp_bytes_forwarded: counter(registry, "warbler_rtp_bytes_forwarded_total", "RTP payload bytes forwarded")?,
+            dropped,
+            nacks_received: counter(registry, "warbler_nacks_received_total", "Sequence numbers NACKed by subscribers")?,
+            nack_retransmits: counter(registry, "warbler_nacks_served_total", "Packets retransmitted from the cache in answer to NACKs")?,
+            plis_received: counter(registry, "warbler_plis_received_total", "PLI/FIR received from subscribers")?,
+            plis_sent: counter(registry, "warbler_plis_sent_total", "PLI sent to publishers")?,
+            keyframe_requests_throttled: counter(registry, "warbler_keyframe_requests_throttled_total", "Keyframe requests not sent because one was sent recently")?,
+            peers_timed_out: counter(registry, "warbler_peers_timed_out_total", "Peer connections removed after losing ICE consent")?,
+            engine_panics_caught: counter(registry, "warbler_engine_panics_caught_total", "Panics inside the WebRTC stack caught and isolated to one peer")?,
+        })
+    }
+
+    /// A private registry (tests, tools).
+    pub fn unregistered() -> Self {
+        Self::new(&Registry::new()).expect("a fresh registry has no name clashes")
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> &IntCounter {
+        // `ALL` lists the reasons in declaration order, so the discriminant is the index.
+        &self.dropped[reason as usize]
+    }
+}
+
+fn r_register(registry: &Registry, g: &IntGauge) -> prometheus::Result<()> {
+    registry.register(Box::new(g.clone()))
+}

@@ -1,0 +1,328 @@
+//! A native WebRTC client for tests (webrtc-rs `webrtc` 0.21, an independent async stack from the
+//! server's point of view): publishes real H.264 + Opus, receives tracks and decodes them, and
+//! records what a user would observe (decoded frames, sequence continuity, SSRCs).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::rtp::codec::h264::H264Packet;
+use rtc::rtp::packetizer::Depacketizer;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
+use tokio::sync::watch;
+use warbler_media::sources::{H264Decoder, H264Source, OpusDecoder, OpusSource};
+use webrtc::media_stream::{MediaStreamTrack, Track};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler, RTCConfigurationBuilder,
+    RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, Registry, register_default_interceptors,
+};
+
+pub const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
+
+pub fn h264_codec() -> RTCRtpCodec {
+    RTCRtpCodec { mime_type: "video/H264".into(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: H264_FMTP.into(), rtcp_feedback: vec![] }
+}
+
+pub fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec { mime_type: "audio/opus".into(), clock_rate: 48_000, channels: 2, sdp_fmtp_line: "minptime=10;useinbandfec=1".into(), rtcp_feedback: vec![] }
+}
+
+/// What one received track delivered.
+#[derive(Debug, Default, Clone)]
+pub struct TrackStats {
+    pub kind: Option<RtpCodecKind>,
+    pub stream_id: String,
+    pub packets: u64,
+    pub ssrcs: Vec<u32>,
+    /// Packets whose sequence number was not previous + 1.
+    pub seq_discontinuities: u64,
+    /// Packets whose timestamp went backwards relative to the previous packet.
+    pub ts_backwards: u64,
+    pub frames_decoded: u64,
+    pub decode_errors: u64,
+    pub last_frame_size: Option<(usize, usize)>,
+    pub audio_frames_decoded: u64,
+    pub ended: bool,
+    last_seq: Option<u16>,
+    last_ts: Option<u32>,
+}
+
+#[derive(Default)]
+struct Shared {
+    tracks: Mutex<HashMap<String, TrackStats>>,
+}
+
+struct Handler {
+    gathered: watch::Sender<bool>,
+    state: watch::Sender<RTCPeerConnectionState>,
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.gathered.send(true);
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        let _ = self.state.send(state);
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let id = track.track_id().await;
+            let kind = track.kind().await;
+            let stream_id = track.stream_id().await;
+            {
+                let mut t = shared.tracks.lock().unwrap();
+                let e = t.entry(id.clone()).or_default();
+                e.kind = Some(kind);
+                e.stream_id = stream_id;
+                e.ended = false;
+            }
+            let mut h264 = H264Packet::default();
+            let mut au: Vec<u8> = Vec::new();
+            let mut decoder = H264Decoder::new().ok();
+            let mut opus = OpusDecoder::new().ok();
+            while let Some(ev) = track.poll().await {
+                let TrackRemoteEvent::OnRtpPacket(p) = ev else { continue };
+                let mut decoded = None;
+                let mut audio_ok = false;
+                let mut failed = false;
+                if kind == RtpCodecKind::Video {
+                    if let Ok(nal) = h264.depacketize(&p.payload) {
+                        au.extend_from_slice(&nal);
+                    }
+                    if p.header.marker && !au.is_empty() {
+                        match decoder.as_mut().map(|d| d.decode(&au)) {
+                            Some(Ok(Some(size))) => decoded = Some(size),
+                            Some(Err(_)) => failed = true,
+                            _ => {}
+                        }
+                        au.clear();
+                    }
+                } else if let Some(o) = opus.as_mut() {
+                    audio_ok = o.decode(&p.payload).is_ok();
+                }
+                let mut t = shared.tracks.lock().unwrap();
+                let e = t.entry(id.clone()).or_default();
+                e.packets += 1;
+                if !e.ssrcs.contains(&p.header.ssrc) {
+                    e.ssrcs.push(p.header.ssrc);
+                }
+                if let Some(prev) = e.last_seq
+                    && p.header.sequence_number != prev.wrapping_add(1)
+                {
+                    e.seq_discontinuities += 1;
+                }
+                if let Some(prev) = e.last_ts
+                    && (p.header.timestamp.wrapping_sub(prev) as i32) < 0
+                {
+                    e.ts_backwards += 1;
+                }
+                e.last_seq = Some(p.header.sequence_number);
+                e.last_ts = Some(p.header.timestamp);
+                if let Some(size) = decoded {
+                    e.frames_decoded += 1;
+                    e.last_frame_size = Some(size);
+                }
+                if failed {
+                    e.decode_errors += 1;
+                }
+                if audio_ok {
+                    e.audio_frames_decoded += 1;
+                }
+            }
+            if let Some(e) = shared.tracks.lock().unwrap().get_mut(&id) {
+                e.ended = true;
+            }
+        });
+    }
+}
+
+/// One native peer connection (publisher or subscriber).
+pub struct NativePeer {
+    pub pc: Arc<dyn PeerConnection>,
+    gathered: watch::Receiver<bool>,
+    state: watch::Receiver<RTCPeerConnectionState>,
+    shared: Arc<Shared>,
+    streaming: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl NativePeer {
+    pub async fn new() -> Self {
+        let mut me = MediaEngine::default();
+        let mut h264 = rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: h264_codec(), payload_type: 102 };
+        h264.rtp_codec.rtcp_feedback = vec![
+            rtc::rtp_transceiver::rtp_sender::RTCPFeedback { typ: "nack".into(), parameter: "".into() },
+            rtc::rtp_transceiver::rtp_sender::RTCPFeedback { typ: "nack".into(), parameter: "pli".into() },
+        ];
+        me.register_codec(h264, RtpCodecKind::Video).unwrap();
+        me.register_codec(rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio).unwrap();
+        let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
+        let (gtx, grx) = watch::channel(false);
+        let (stx, srx) = watch::channel(RTCPeerConnectionState::New);
+        let shared = Arc::new(Shared::default());
+        let handler = Arc::new(Handler { gathered: gtx, state: stx, shared: shared.clone() });
+        let pc = PeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(me)
+            .with_interceptor_registry(registry)
+            .with_handler(handler)
+            .with_udp_addrs(vec!["127.0.0.1:0"])
+            .build()
+            .await
+            .expect("native peer connection");
+        Self { pc: Arc::new(pc), gathered: grx, state: srx, shared, streaming: Vec::new() }
+    }
+
+    async fn wait_gathered(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.gathered.wait_for(|g| *g)).await;
+    }
+
+    /// Adds an H.264 camera and an Opus microphone and starts streaming once connected.
+    pub async fn add_camera_and_mic(&mut self) -> (String, String) {
+        let video = Arc::new(
+            TrackLocalStaticSample::new(Instant::now(), sample_track("cam-stream", "cam-video", RtpCodecKind::Video, h264_codec())).unwrap(),
+        );
+        let audio = Arc::new(
+            TrackLocalStaticSample::new(Instant::now(), sample_track("cam-stream", "cam-audio", RtpCodecKind::Audio, opus_codec())).unwrap(),
+        );
+        self.pc.add_track(video.clone() as Arc<dyn TrackLocal>).await.unwrap();
+        self.pc.add_track(audio.clone() as Arc<dyn TrackLocal>).await.unwrap();
+        let state = self.state.clone();
+        self.streaming.push(tokio::spawn(stream_video(video, state.clone())));
+        self.streaming.push(tokio::spawn(stream_audio(audio, state)));
+        ("cam-video".into(), "cam-audio".into())
+    }
+
+    /// Creates an offer with all candidates in it.
+    pub async fn offer(&mut self) -> String {
+        let offer = self.pc.create_offer(None).await.unwrap();
+        self.pc.set_local_description(offer).await.unwrap();
+        self.wait_gathered().await;
+        self.pc.local_description().await.unwrap().sdp
+    }
+
+    pub async fn accept_answer(&self, sdp: String) {
+        self.pc.set_remote_description(RTCSessionDescription::answer(sdp).unwrap()).await.unwrap();
+    }
+
+    /// Answers a (re)offer.
+    pub async fn answer(&mut self, offer: String) -> String {
+        self.pc.set_remote_description(RTCSessionDescription::offer(offer).unwrap()).await.unwrap();
+        let answer = self.pc.create_answer(None).await.unwrap();
+        self.pc.set_local_description(answer).await.unwrap();
+        self.wait_gathered().await;
+        self.pc.local_description().await.unwrap().sdp
+    }
+
+    pub fn state(&self) -> RTCPeerConnectionState {
+        *self.state.borrow()
+    }
+
+    pub async fn wait_connected(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.state.wait_for(|s| *s == RTCPeerConnectionState::Connected)).await.is_ok()
+    }
+
+    pub fn tracks(&self) -> HashMap<String, TrackStats> {
+        self.shared.tracks.lock().unwrap().clone()
+    }
+
+    /// Stops streaming and closes the connection (a goodbye).
+    pub async fn close(&mut self) {
+        for t in self.streaming.drain(..) {
+            t.abort();
+        }
+        let _ = self.pc.close().await;
+    }
+
+    /// Stops everything without telling anyone (a vanished client). The connection object stays
+    /// alive but silent: no more datagrams go out.
+    pub fn vanish(&mut self) {
+        for t in self.streaming.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+fn sample_track(stream: &str, id: &str, kind: RtpCodecKind, codec: RTCRtpCodec) -> MediaStreamTrack {
+    MediaStreamTrack::new(
+        stream.into(),
+        id.into(),
+        id.into(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(rand::random::<u32>()), ..Default::default() },
+            codec,
+            ..Default::default()
+        }],
+    )
+}
+
+/// The server answers with the offerer's payload types, which are these (registered above).
+const H264_PT: u8 = 102;
+const OPUS_PT: u8 = 111;
+
+async fn wait_for_connected(mut state: watch::Receiver<RTCPeerConnectionState>) -> bool {
+    state.wait_for(|s| *s == RTCPeerConnectionState::Connected).await.is_ok()
+}
+
+async fn stream_video(track: Arc<TrackLocalStaticSample>, state: watch::Receiver<RTCPeerConnectionState>) {
+    if !wait_for_connected(state).await {
+        return;
+    }
+    let ssrc = track.ssrcs().await[0];
+    let pt = H264_PT;
+    let mut src = H264Source::new(320, 180, 30.0, 400_000).unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(33));
+    loop {
+        tick.tick().await;
+        let frame = src.next_frame().unwrap();
+        let sample = rtc::media::Sample { data: Bytes::from(frame), duration: Duration::from_millis(33), ..rtc::media::Sample::new(Instant::now()) };
+        if track.sample_writer(ssrc, pt).write_sample(&sample).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn stream_audio(track: Arc<TrackLocalStaticSample>, state: watch::Receiver<RTCPeerConnectionState>) {
+    if !wait_for_connected(state).await {
+        return;
+    }
+    let ssrc = track.ssrcs().await[0];
+    let pt = OPUS_PT;
+    let mut src = OpusSource::new().unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        let frame = src.next_frame().unwrap();
+        let sample = rtc::media::Sample { data: Bytes::from(frame), duration: Duration::from_millis(20), ..rtc::media::Sample::new(Instant::now()) };
+        if track.sample_writer(ssrc, pt).write_sample(&sample).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `within` passes (no fixed sleeps in tests).
+pub async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
