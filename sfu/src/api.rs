@@ -222,10 +222,3 @@ impl Default for EngineConfig {
         }
     }
 }
-
-pub(crate) fn kind_str(kind: MediaKind) -> &'static str {
-    match kind {
-        MediaKind::Audio => "audio",
-        MediaKind::Video => "video",
-    }
-}

@@ -71,7 +71,6 @@ struct Room {
 }
 
 struct Participant {
-    id: ParticipantId,
     room: RoomName,
     identity: String,
     name: String,
@@ -88,8 +87,6 @@ struct PublishedTrack {
     id: TrackId,
     owner: ParticipantId,
     peer: PeerId,
-    /// The msid track id the publisher's connection uses for it.
-    rtc_track_id: String,
     receiver: RTCRtpReceiverId,
     kind: MediaKind,
     source: TrackSource,
@@ -238,7 +235,6 @@ impl Engine {
         }
         let id = ParticipantId(self.new_id());
         let participant = Participant {
-            id,
             room: req.room.clone(),
             identity: req.identity,
             name: req.name,
@@ -393,7 +389,7 @@ impl Engine {
         }
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| EngineError::BadSdp(e.to_string()))?;
         // Codec per kind: the watched participant's current track if any, else our first choice.
-        let mut codec_for = |kind: MediaKind| -> (Codec, RTCRtpCodec) {
+        let codec_for = |kind: MediaKind| -> (Codec, RTCRtpCodec) {
             let existing = self.room_tracks(&room).into_iter().find_map(|t| {
                 let t = &self.tracks[&t];
                 let owner = &self.participants[&t.owner];
@@ -826,7 +822,6 @@ impl Engine {
                     id,
                     owner: participant,
                     peer: peer_id,
-                    rtc_track_id: rtc_id.clone(),
                     receiver,
                     kind,
                     source,
