@@ -1,0 +1,286 @@
+// App: the page's UI — join form and tokens, video grid, participant list, controls, device picker,
+// error banner — driving one Session at a time; also exposes the `window.warbler` test hook.
+import { Session } from './session.js';
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  form: $('join-form'), room: $('room-input'), name: $('name-input'), tokenField: $('token-field'),
+  token: $('token-input'), join: $('join-button'), roomView: $('room-view'), controls: $('controls'),
+  grid: $('grid'), participants: $('participants'), audio: $('audio-sinks'), title: $('room-title'),
+  conn: $('conn-state'), pubState: $('pub-state'), subState: $('sub-state'),
+  mic: $('mic-button'), camera: $('camera-button'), screen: $('screen-button'), leave: $('leave-button'),
+  cameraSelect: $('camera-select'), micSelect: $('mic-select'),
+  banner: $('banner'), bannerList: $('banner-list'), bannerClose: $('banner-close'),
+};
+
+let session = null;
+const errors = []; // everything shown in the banner: {code, message, at}
+const tabSuffix = Math.random().toString(36).slice(2, 8); // identity = name + this, one per tab
+
+// ---- join / leave ----
+
+const params = new URLSearchParams(location.search);
+ui.room.value = params.get('room') ?? '';
+ui.name.value = params.get('name') ?? '';
+if (!navigator.mediaDevices?.getDisplayMedia) ui.screen.disabled = true;
+
+ui.form.addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  if (session) return;
+  const room = ui.room.value.trim();
+  const name = ui.name.value.trim();
+  ui.join.disabled = true;
+  try {
+    let token = ui.tokenField.hidden ? '' : ui.token.value.trim();
+    if (!token) {
+      token = await fetchDevToken(room, identityFor(name), name);
+      if (!token) {
+        ui.tokenField.hidden = false; // production mode: the user brings a token
+        ui.token.focus();
+        return;
+      }
+    }
+    await enterRoom(room, token);
+  } catch (e) {
+    showError(e.code ?? 'client', e.message);
+  } finally {
+    ui.join.disabled = false;
+  }
+});
+
+async function fetchDevToken(room, identity, name) {
+  const q = new URLSearchParams({ room, identity, name });
+  const res = await fetch(`/dev/token?${q}`);
+  if (res.status === 404) return null;
+  if (!res.ok) throw Object.assign(new Error(`Token request failed: HTTP ${res.status} ${await res.text()}`), { code: 'token' });
+  return (await res.json()).token;
+}
+
+function identityFor(name) {
+  const slug = name.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '').slice(0, 40) || 'guest';
+  return `${slug}-${tabSuffix}`;
+}
+
+async function enterRoom(room, token) {
+  const s = new Session();
+  session = s;
+  s.addEventListener('change', () => session === s && render());
+  s.addEventListener('error', (e) => showError(e.detail.code, e.detail.message));
+  s.addEventListener('ended', () => {
+    if (session !== s) return;
+    session = null;
+    showJoinForm();
+  });
+  ui.title.textContent = `room ${room}`;
+  showRoomView();
+  const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+  try {
+    await s.join({ wsUrl, token });
+  } catch {
+    return; // already reported through the session's 'error' event; 'ended' restored the form
+  }
+  history.replaceState(null, '', `?room=${encodeURIComponent(room)}`);
+  await refreshDevices();
+}
+
+ui.leave.addEventListener('click', () => session?.leave());
+window.addEventListener('pagehide', () => session?.leave());
+
+function showRoomView() {
+  ui.form.hidden = true;
+  ui.roomView.hidden = ui.controls.hidden = ui.conn.hidden = false;
+}
+
+function showJoinForm() {
+  ui.form.hidden = false;
+  ui.roomView.hidden = ui.controls.hidden = ui.conn.hidden = true;
+  ui.title.textContent = '';
+  ui.grid.replaceChildren();
+  ui.participants.replaceChildren();
+  ui.audio.replaceChildren();
+}
+
+// ---- controls ----
+
+ui.mic.addEventListener('click', () => toggleMute('microphone'));
+ui.camera.addEventListener('click', () => toggleMute('camera'));
+ui.screen.addEventListener('click', () =>
+  session?.local.has('screen_share') ? session.stopScreenShare() : session?.startScreenShare());
+
+function toggleMute(source) {
+  const l = session?.local.get(source);
+  if (l) session.setMuted(source, !l.muted);
+}
+
+for (const [select, kind] of [[ui.cameraSelect, 'videoinput'], [ui.micSelect, 'audioinput']]) {
+  select.addEventListener('change', () => session?.switchDevice(kind, select.value));
+}
+navigator.mediaDevices?.addEventListener?.('devicechange', () => refreshDevices());
+
+async function refreshDevices() {
+  if (!session) return;
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  for (const [select, kind, source] of [[ui.cameraSelect, 'videoinput', 'camera'], [ui.micSelect, 'audioinput', 'microphone']]) {
+    const current = session?.local.get(source)?.track.getSettings().deviceId;
+    select.replaceChildren(
+      ...devices.filter((d) => d.kind === kind).map((d, i) => {
+        const opt = new Option(d.label || `${kind} ${i + 1}`, d.deviceId);
+        opt.selected = d.deviceId === current;
+        return opt;
+      }),
+    );
+  }
+}
+
+// ---- banner ----
+
+function showError(code, message) {
+  errors.push({ code, message, at: new Date().toISOString() });
+  const li = document.createElement('li');
+  const c = document.createElement('code');
+  c.textContent = code;
+  li.append(c, ` ${message}`);
+  ui.bannerList.append(li);
+  ui.banner.hidden = false;
+}
+
+ui.bannerClose.addEventListener('click', () => {
+  ui.bannerList.replaceChildren();
+  ui.banner.hidden = true;
+});
+
+// ---- rendering ----
+
+function render() {
+  const s = session;
+  if (!s) return;
+  for (const [el, state, label] of [[ui.pubState, s.pub?.connectionState, 'publisher'], [ui.subState, s.sub?.connectionState, 'subscriber']]) {
+    el.dataset.state = state ?? 'new';
+    el.textContent = `${label}: ${state ?? 'new'}`;
+  }
+  const mic = s.local.get('microphone');
+  const cam = s.local.get('camera');
+  const sharing = s.local.has('screen_share');
+  setToggle(ui.mic, mic?.muted, mic ? (mic.muted ? 'Unmute mic' : 'Mute mic') : 'No mic');
+  setToggle(ui.camera, cam?.muted, cam ? (cam.muted ? 'Camera on' : 'Camera off') : 'No camera');
+  ui.mic.disabled = !mic;
+  ui.camera.disabled = !cam;
+  setToggle(ui.screen, sharing, sharing ? 'Stop sharing' : 'Share screen');
+
+  // Tiles, keyed "<participant sid>:<camera|screen_share>"; our own preview comes first.
+  const tiles = [];
+  const me = s.self;
+  if (me || s.local.size) {
+    tiles.push({ key: 'local:camera', participant: me?.sid ?? 'local', source: 'camera', name: `${me?.name ?? 'You'} (you)`,
+      track: cam?.track, off: !cam || cam.muted, mirrored: true, local: true });
+    const screen = s.local.get('screen_share');
+    if (screen) tiles.push({ key: 'local:screen_share', participant: me?.sid ?? 'local', source: 'screen_share',
+      name: `${me?.name ?? 'You'} (your screen)`, track: screen.track, local: true });
+  }
+  for (const p of s.participants.values()) {
+    const tracks = [...p.tracks.values()];
+    const camera = tracks.find((t) => t.kind === 'video' && t.source !== 'screen_share');
+    tiles.push({ key: `${p.sid}:camera`, participant: p.sid, source: 'camera', name: p.name,
+      track: camera && s.remote.get(camera.sid)?.track, off: !camera || camera.muted, trackSid: camera?.sid });
+    for (const t of tracks.filter((t) => t.kind === 'video' && t.source === 'screen_share')) {
+      tiles.push({ key: `${p.sid}:${t.sid}`, participant: p.sid, source: 'screen_share', name: `${p.name} (screen)`,
+        track: s.remote.get(t.sid)?.track, trackSid: t.sid });
+    }
+  }
+  reconcile(ui.grid, tiles, (t) => t.key, createTile, updateTile);
+
+  // Remote audio: one <audio> per received audio track.
+  const audio = [...s.remote].filter(([, r]) => r.kind === 'audio').map(([sid, r]) => ({ sid, track: r.track }));
+  reconcile(ui.audio, audio, (a) => a.sid, () => Object.assign(document.createElement('audio'), { autoplay: true }),
+    (el, a) => attach(el, a.track));
+
+  // Participant list with mute indicators.
+  const people = [];
+  if (me) people.push({ sid: me.sid, name: `${me.name} (you)`, micMuted: !mic || mic.muted, camOff: !cam || cam.muted });
+  for (const p of s.participants.values()) {
+    const tracks = [...p.tracks.values()];
+    const a = tracks.find((t) => t.kind === 'audio');
+    const v = tracks.find((t) => t.kind === 'video' && t.source !== 'screen_share');
+    people.push({ sid: p.sid, name: p.name, micMuted: !a || a.muted, camOff: !v || v.muted,
+      sharing: tracks.some((t) => t.source === 'screen_share') });
+  }
+  reconcile(ui.participants, people, (p) => p.sid, () => document.createElement('li'), (li, p) => {
+    li.dataset.sid = p.sid;
+    li.dataset.micMuted = p.micMuted;
+    li.dataset.camOff = p.camOff;
+    li.innerHTML = '<span class="name"></span><span class="flags"><span class="mic"></span> <span class="cam"></span></span>';
+    li.querySelector('.name').textContent = p.name + (p.sharing ? ' · sharing' : '');
+    const micEl = li.querySelector('.mic');
+    micEl.textContent = p.micMuted ? 'mic off' : 'mic';
+    micEl.classList.toggle('off', p.micMuted);
+    const camEl = li.querySelector('.cam');
+    camEl.textContent = p.camOff ? 'cam off' : 'cam';
+    camEl.classList.toggle('off', p.camOff);
+  });
+}
+
+function setToggle(button, pressed, text) {
+  button.setAttribute('aria-pressed', String(Boolean(pressed)));
+  button.textContent = text;
+}
+
+function createTile(t) {
+  const tile = document.createElement('div');
+  tile.className = 'tile';
+  tile.innerHTML = '<video autoplay playsinline muted></video><div class="avatar"></div><div class="label"></div>';
+  return tile;
+}
+
+function updateTile(tile, t) {
+  Object.assign(tile.dataset, { key: t.key, participant: t.participant, source: t.source });
+  if (t.trackSid) tile.dataset.track = t.trackSid;
+  tile.classList.toggle('mirrored', Boolean(t.mirrored));
+  tile.querySelector('.label').textContent = t.name;
+  const avatar = tile.querySelector('.avatar');
+  avatar.textContent = (t.name.trim()[0] ?? '?').toUpperCase();
+  avatar.hidden = Boolean(t.track) && !t.off;
+  attach(tile.querySelector('video'), t.track);
+}
+
+/** Points a media element at `track`, touching srcObject only when the track changes. */
+function attach(el, track) {
+  if (el.warblerTrack === track) return;
+  el.warblerTrack = track;
+  el.srcObject = track ? new MediaStream([track]) : null;
+  if (track) el.play?.().catch(() => {}); // autoplay may need a gesture; the join click usually counts
+}
+
+/** Makes `parent`'s children match `items` (by key), creating, updating and removing elements. */
+function reconcile(parent, items, keyOf, create, update) {
+  const existing = new Map([...parent.children].map((el) => [el.dataset.rkey, el]));
+  let prev = null;
+  for (const item of items) {
+    const key = keyOf(item);
+    let el = existing.get(key);
+    if (el) existing.delete(key);
+    else {
+      el = create(item);
+      el.dataset.rkey = key;
+    }
+    update(el, item);
+    const want = prev ? prev.nextSibling : parent.firstChild;
+    if (want !== el) parent.insertBefore(el, want);
+    prev = el;
+  }
+  for (const el of existing.values()) {
+    if (el.srcObject !== undefined) el.srcObject = null;
+    el.querySelector?.('video')?.remove();
+    el.remove();
+  }
+}
+
+// ---- test hook ----
+
+window.warbler = {
+  state: () => ({
+    ...(session?.snapshot() ?? { joined: false, participantId: null, participants: [], publisherState: 'closed', subscriberState: 'closed' }),
+    errors: errors.map((e) => ({ ...e })),
+  }),
+  inboundStats: async () => (session ? session.inboundStats() : []),
+  get session() { return session; },
+};

@@ -1,0 +1,417 @@
+// Session: one participant in a room — signaling, the publisher and subscriber peer connections,
+// local media and the model of remote participants. No DOM here; the UI listens for 'change'.
+import { Signaling, SignalError } from './signaling.js';
+import { msidTrackByMid } from './sdp.js';
+
+const VIDEO_CONSTRAINTS = { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 30 } };
+const PING_INTERVAL_MS = 15000;
+
+export class Session extends EventTarget {
+  sig = null;
+  pub = null; // publisher RTCPeerConnection: we offer
+  sub = null; // subscriber RTCPeerConnection: the server offers
+  joined = false;
+  room = null;
+  self = null; // {sid, identity, name, tracks: Map}
+  participants = new Map(); // sid -> {sid, identity, name, tracks: Map<trackSid, track>}
+  local = new Map(); // source -> {source, track, stream, transceiver, trackId, sid, muted}
+  remote = new Map(); // trackSid -> {track, mid, kind}: media currently received
+  serverStates = { publisher: null, subscriber: null }; // as the server reports them
+
+  #subTracks = {}; // mid -> track sid, from the latest subscriber_offer
+  #streamByMid = new Map(); // mid -> msid stream id (= publisher participant sid)
+  #pubChain = Promise.resolve();
+  #subChain = Promise.resolve();
+  #signaled = { publisher: false, subscriber: false }; // first offer/answer sent: trickle may flow
+  #pendingCandidates = { publisher: [], subscriber: [] };
+  #pingTimer = null;
+  #ended = false;
+  #screenPending = false; // getDisplayMedia is showing its picker
+  #changeQueued = false;
+
+  /** Connects, joins with `token` and publishes camera + microphone. Throws if the join fails. */
+  async join({ wsUrl, token }) {
+    this.sig = new Signaling();
+    this.sig.addEventListener('message', (e) => this.#onMessage(e.detail));
+    this.sig.addEventListener('close', (e) => this.#onClose(e.detail));
+    try {
+      await this.sig.connect(wsUrl);
+      await this.sig.request({ type: 'join', version: 1, token });
+    } catch (e) {
+      this.#report(e);
+      this.#end('join failed');
+      throw e;
+    }
+    this.#pingTimer = setInterval(() => this.sig.send({ type: 'ping' }), PING_INTERVAL_MS);
+    await this.#startLocalMedia();
+    if (this.local.size) await this.#negotiatePublisher();
+  }
+
+  /** Leaves the room: tells the server, closes both connections, stops local media. */
+  leave() {
+    if (this.#ended) return;
+    this.sig?.send({ type: 'leave' });
+    this.#end('left');
+  }
+
+  /** Mutes or unmutes a local source ('microphone' | 'camera'): disables the track and tells others. */
+  setMuted(source, muted) {
+    const l = this.local.get(source);
+    if (!l) return;
+    l.muted = muted;
+    l.track.enabled = !muted;
+    if (l.sid) this.sig.send({ type: 'mute', track: l.sid, muted });
+    this.#changed();
+  }
+
+  async startScreenShare() {
+    if (this.local.has('screen_share') || !this.joined || this.#screenPending) return;
+    let stream;
+    this.#screenPending = true;
+    try {
+      stream = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
+    } catch (e) {
+      this.#emitError('media', `Screen sharing failed: ${e.name}: ${e.message}`);
+      return;
+    } finally {
+      this.#screenPending = false;
+    }
+    if (this.#ended) return stream.getTracks().forEach((t) => t.stop());
+    const track = stream.getVideoTracks()[0];
+    track.contentHint = 'detail';
+    track.addEventListener('ended', () => this.stopScreenShare()); // the browser's own "Stop sharing"
+    this.#addLocal('screen_share', track, stream);
+    await this.#negotiatePublisher();
+  }
+
+  async stopScreenShare() {
+    const l = this.local.get('screen_share');
+    if (!l) return;
+    this.local.delete('screen_share');
+    l.track.stop();
+    if (this.pub && this.pub.signalingState !== 'closed') {
+      this.pub.removeTrack(l.transceiver.sender);
+      await this.#negotiatePublisher();
+    }
+    this.#changed();
+  }
+
+  /** Switches the camera ('videoinput') or microphone ('audioinput') without renegotiating. */
+  async switchDevice(kind, deviceId) {
+    const source = kind === 'audioinput' ? 'microphone' : 'camera';
+    const constraints =
+      kind === 'audioinput'
+        ? { audio: { deviceId: { exact: deviceId } } }
+        : { video: { ...VIDEO_CONSTRAINTS, deviceId: { exact: deviceId } } };
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia(constraints);
+    } catch (e) {
+      this.#emitError('media', `Cannot open the selected ${source}: ${e.name}: ${e.message}`);
+      return;
+    }
+    const track = stream.getTracks()[0];
+    const l = this.local.get(source);
+    if (!l) {
+      // Nothing was published for this source (e.g. it failed at join): publish it now.
+      this.#addLocal(source, track, stream);
+      await this.#negotiatePublisher();
+      return;
+    }
+    track.enabled = !l.muted;
+    await l.transceiver.sender.replaceTrack(track);
+    l.track.stop();
+    Object.assign(l, { track, stream });
+    this.#changed();
+  }
+
+  /** A plain-data snapshot of the session, for the UI and the test hook. */
+  snapshot() {
+    const participant = (p) => ({ sid: p.sid, identity: p.identity, name: p.name, tracks: [...p.tracks.values()] });
+    return {
+      joined: this.joined,
+      room: this.room,
+      participantId: this.self?.sid ?? null,
+      self: this.self && participant(this.self),
+      participants: [...this.participants.values()].map(participant),
+      local: [...this.local.values()].map((l) => ({
+        source: l.source, kind: l.track.kind, trackId: l.trackId, sid: l.sid, muted: l.muted, label: l.track.label,
+      })),
+      received: [...this.remote].map(([sid, r]) => ({ trackSid: sid, mid: r.mid, kind: r.kind })),
+      publisherState: this.pub?.connectionState ?? 'new',
+      subscriberState: this.sub?.connectionState ?? 'new',
+      serverStates: { ...this.serverStates },
+    };
+  }
+
+  /** Per received track: inbound-rtp counters from the subscriber connection, keyed by track sid. */
+  async inboundStats() {
+    if (!this.sub) return [];
+    const midByTrackId = new Map(this.sub.getTransceivers().map((t) => [t.receiver.track.id, t.mid]));
+    const report = await this.sub.getStats();
+    const byMid = new Map();
+    report.forEach((s) => {
+      if (s.type !== 'inbound-rtp') return;
+      const mid = s.mid ?? midByTrackId.get(s.trackIdentifier);
+      const trackSid = this.#subTracks[mid];
+      if (!trackSid || !this.remote.has(trackSid)) return;
+      // An m-line may have carried an earlier stream (another SSRC): keep the most recent one.
+      const prev = byMid.get(mid);
+      if (prev && (prev.lastPacketReceivedTimestamp ?? 0) > (s.lastPacketReceivedTimestamp ?? 0)) return;
+      byMid.set(mid, { ...s, mid, trackSid });
+    });
+    return [...byMid.values()].map((s) => ({
+      participantSid: this.#ownerOf(s.trackSid) ?? this.#streamByMid.get(s.mid) ?? null,
+      trackSid: s.trackSid,
+      mid: s.mid,
+      kind: s.kind ?? s.mediaType,
+      source: this.#trackInfo(s.trackSid)?.source ?? null,
+      codec: report.get(s.codecId)?.mimeType ?? null,
+      packetsReceived: s.packetsReceived ?? 0,
+      bytesReceived: s.bytesReceived ?? 0,
+      framesDecoded: s.framesDecoded ?? 0,
+      frameWidth: s.frameWidth ?? 0,
+      frameHeight: s.frameHeight ?? 0,
+    }));
+  }
+
+  // ---- signaling messages ----
+
+  #onMessage(msg) {
+    switch (msg.type) {
+      case 'joined':
+        this.joined = true;
+        this.room = msg.room;
+        this.self = toParticipant(msg.participant);
+        for (const p of msg.participants ?? []) this.participants.set(p.sid, toParticipant(p));
+        break;
+      case 'participant_joined':
+        this.participants.set(msg.participant.sid, toParticipant(msg.participant));
+        break;
+      case 'participant_left':
+        for (const t of this.participants.get(msg.sid)?.tracks.keys() ?? []) this.remote.delete(t);
+        this.participants.delete(msg.sid);
+        break;
+      case 'track_published':
+        this.#participant(msg.participant)?.tracks.set(msg.track.sid, msg.track);
+        break;
+      case 'track_unpublished':
+        this.#participant(msg.participant)?.tracks.delete(msg.track);
+        this.remote.delete(msg.track);
+        break;
+      case 'track_muted': {
+        const track = this.#participant(msg.participant)?.tracks.get(msg.track);
+        if (track) track.muted = msg.muted;
+        break;
+      }
+      case 'subscriber_offer':
+        this.#onSubscriberOffer(msg);
+        break;
+      case 'connection_state':
+        this.serverStates[msg.target] = msg.state;
+        break;
+      case 'error':
+        this.#emitError(msg.code, msg.message);
+        break;
+      case 'leave':
+        this.#emitError('session_ended', `The server ended the session (${msg.reason})`);
+        this.#end(msg.reason);
+        return;
+      case 'publish_answer': // handled by the request that sent the offer
+      case 'pong':
+        return;
+      default:
+        console.debug('warbler: ignoring message', msg.type);
+        return;
+    }
+    this.#changed();
+  }
+
+  #onClose({ code }) {
+    if (this.#ended) return;
+    if (this.joined) this.#emitError('disconnected', `Lost the connection to the server (WebSocket close ${code})`);
+    this.#end('disconnected');
+  }
+
+  // ---- publisher connection ----
+
+  #ensurePublisher() {
+    if (!this.pub) this.pub = this.#newPeerConnection('publisher');
+    return this.pub;
+  }
+
+  #addLocal(source, track, stream) {
+    const transceiver = this.#ensurePublisher().addTransceiver(track, { direction: 'sendonly', streams: [stream] });
+    this.local.set(source, { source, track, stream, transceiver, trackId: null, sid: null, muted: false });
+    this.#changed();
+  }
+
+  async #startLocalMedia() {
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: VIDEO_CONSTRAINTS });
+    } catch (e) {
+      this.#emitError('media', `Camera and microphone unavailable: ${e.name}: ${e.message}`);
+      // Try each device alone, so that a missing camera still lets the microphone work.
+      const tracks = [];
+      for (const [what, constraints] of [['microphone', { audio: true }], ['camera', { video: VIDEO_CONSTRAINTS }]]) {
+        try {
+          tracks.push(...(await navigator.mediaDevices.getUserMedia(constraints)).getTracks());
+        } catch (e2) {
+          this.#emitError('media', `No ${what}: ${e2.name}: ${e2.message}`);
+        }
+      }
+      if (!tracks.length) return;
+      stream = new MediaStream(tracks);
+    }
+    if (this.#ended) {
+      stream.getTracks().forEach((t) => t.stop());
+      return;
+    }
+    for (const track of stream.getAudioTracks()) this.#addLocal('microphone', track, stream);
+    for (const track of stream.getVideoTracks()) this.#addLocal('camera', track, stream);
+  }
+
+  /** (Re)offers on the publisher connection; offers are serialized. */
+  #negotiatePublisher() {
+    this.#pubChain = this.#pubChain.then(async () => {
+      const pc = this.pub;
+      if (!pc || this.#ended) return;
+      try {
+        await pc.setLocalDescription(await pc.createOffer());
+        const sdp = pc.localDescription.sdp;
+        const msids = msidTrackByMid(sdp);
+        const declared = [];
+        for (const l of this.local.values()) {
+          l.trackId = msids.get(l.transceiver.mid) ?? l.track.id;
+          if (!l.sid) declared.push({ track_id: l.trackId, source: l.source });
+        }
+        const answer = await this.sig.request({ type: 'publish', sdp, tracks: declared });
+        await pc.setRemoteDescription({ type: 'answer', sdp: answer.sdp });
+        this.#flushCandidates('publisher'); // only once the server has accepted an offer
+        for (const { track_id: trackId, sid } of answer.tracks ?? []) {
+          for (const l of this.local.values()) {
+            if (l.trackId !== trackId || l.sid === sid) continue;
+            l.sid = sid;
+            if (l.muted) this.sig.send({ type: 'mute', track: sid, muted: true });
+          }
+        }
+      } catch (e) {
+        this.#report(e, 'Publishing failed');
+        if (pc.signalingState === 'have-local-offer') await pc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+      }
+      this.#changed();
+    });
+    return this.#pubChain;
+  }
+
+  // ---- subscriber connection ----
+
+  #onSubscriberOffer(msg) {
+    this.#subChain = this.#subChain.then(async () => {
+      if (this.#ended) return;
+      if (!this.sub) this.sub = this.#newPeerConnection('subscriber');
+      const pc = this.sub;
+      try {
+        this.#subTracks = msg.tracks ?? {};
+        await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+        await pc.setLocalDescription(await pc.createAnswer());
+        this.sig.send({ type: 'subscriber_answer', sdp: pc.localDescription.sdp });
+        this.#flushCandidates('subscriber');
+      } catch (e) {
+        this.#report(e, 'Cannot accept the server offer');
+      }
+      this.#syncRemote();
+    });
+  }
+
+  /** Rebuilds `remote` from the subscriber transceivers that currently receive a known track. */
+  #syncRemote() {
+    this.remote = new Map();
+    for (const t of this.sub?.getTransceivers() ?? []) {
+      const sid = this.#subTracks[t.mid];
+      const receiving = t.currentDirection === 'recvonly' || t.currentDirection === 'sendrecv';
+      if (sid && receiving) this.remote.set(sid, { track: t.receiver.track, mid: t.mid, kind: t.receiver.track.kind });
+    }
+    this.#changed();
+  }
+
+  // ---- shared plumbing ----
+
+  #newPeerConnection(target) {
+    const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
+    pc.addEventListener('icecandidate', (e) => {
+      const c = e.candidate ? e.candidate.toJSON() : null;
+      if (c && !c.candidate) return; // an empty end-of-candidates marker: the null event follows
+      if (this.#signaled[target]) this.sig.send({ type: 'candidate', target, candidate: c });
+      else this.#pendingCandidates[target].push(c);
+    });
+    pc.addEventListener('connectionstatechange', () => this.#changed());
+    if (target === 'subscriber') {
+      pc.addEventListener('track', (e) => {
+        if (e.streams[0]) this.#streamByMid.set(e.transceiver.mid, e.streams[0].id);
+      });
+    }
+    return pc;
+  }
+
+  /** Candidates wait until the server knows the connection (first accepted offer / sent answer). */
+  #flushCandidates(target) {
+    this.#signaled[target] = true;
+    for (const c of this.#pendingCandidates[target].splice(0)) {
+      this.sig.send({ type: 'candidate', target, candidate: c });
+    }
+  }
+
+  #participant(sid) {
+    return sid === this.self?.sid ? this.self : this.participants.get(sid);
+  }
+
+  #ownerOf(trackSid) {
+    for (const p of [this.self, ...this.participants.values()]) if (p?.tracks.has(trackSid)) return p.sid;
+    return undefined;
+  }
+
+  #trackInfo(trackSid) {
+    for (const p of [this.self, ...this.participants.values()]) if (p?.tracks.has(trackSid)) return p.tracks.get(trackSid);
+    return undefined;
+  }
+
+  /** Reports a failure unless it is a server `error`, which already reached the UI as a message. */
+  #report(e, context) {
+    if (e instanceof SignalError && e.fromServer) return;
+    const code = e instanceof SignalError ? e.code : 'client';
+    this.#emitError(code, context ? `${context}: ${e.message}` : e.message);
+  }
+
+  #emitError(code, message) {
+    this.dispatchEvent(new CustomEvent('error', { detail: { code, message } }));
+  }
+
+  #end(reason) {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.joined = false;
+    clearInterval(this.#pingTimer);
+    for (const l of this.local.values()) l.track.stop();
+    this.pub?.close();
+    this.sub?.close();
+    this.sig?.close();
+    this.dispatchEvent(new CustomEvent('ended', { detail: { reason } }));
+    this.#changed();
+  }
+
+  /** Coalesces state changes into one 'change' event per task. */
+  #changed() {
+    if (this.#changeQueued) return;
+    this.#changeQueued = true;
+    queueMicrotask(() => {
+      this.#changeQueued = false;
+      this.dispatchEvent(new Event('change'));
+    });
+  }
+}
+
+function toParticipant(p) {
+  return { sid: p.sid, identity: p.identity, name: p.name || p.identity, tracks: new Map((p.tracks ?? []).map((t) => [t.sid, t])) };
+}
