@@ -6,7 +6,17 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rtc::interceptor::{NackGeneratorBuilder, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot, TwccReceiverBuilder};
+use std::collections::VecDeque;
+
+use rtc::interceptor::{
+    Attribute, Interceptor, NackGeneratorBuilder, Packet, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot, StreamInfo,
+    TaggedPacket, TwccReceiverBuilder,
+};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::sansio::Protocol;
 use rtc::peer_connection::certificate::RTCCertificate;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MediaEngine};
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
@@ -93,8 +103,64 @@ fn media_engine(role: PeerRole, video_codecs: &[Codec]) -> Result<MediaEngine, E
     Ok(me)
 }
 
+/// Where [`RtcpToEngine`] sits: application-most, after every interceptor that reads RTCP.
+const SLOT_RTCP_TO_ENGINE: usize = 20_000;
+
+/// Hands the RTCP the engine acts on (NACK, PLI, FIR from subscribers; sender reports from
+/// publishers) past the end of the interceptor chain, which otherwise stops all inbound RTCP.
+/// Everything else (receiver reports, transport feedback) stays with the interceptors.
+#[derive(Default)]
+pub struct RtcpToEngine {
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+fn engine_wants(p: &dyn rtc::rtcp::Packet) -> bool {
+    let any = p.as_any();
+    any.is::<TransportLayerNack>() || any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() || any.is::<SenderReport>()
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToEngine {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &mut msg.message.packet {
+            if packets.iter().any(|p| engine_wants(p.as_ref())) {
+                packets.retain(|p| engine_wants(p.as_ref()));
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for RtcpToEngine {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
 fn interceptors(role: PeerRole) -> Registry {
-    match role {
+    let registry = match role {
         // Receiving: ask the publisher to resend what was lost, report reception, and give its
         // congestion controller transport-wide feedback so it ramps up its bitrate.
         PeerRole::Publisher => Registry::new()
@@ -106,7 +172,8 @@ fn interceptors(role: PeerRole) -> Registry {
         PeerRole::Subscriber | PeerRole::Whep => {
             Registry::new().with(Slot::SenderReport, SenderReportBuilder::new().build())
         }
-    }
+    };
+    registry.with(Slot::from(SLOT_RTCP_TO_ENGINE), RtcpToEngine::default())
 }
 
 /// ICE credentials the server picks for one connection; the ufrag routes STUN to it.

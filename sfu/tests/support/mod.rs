@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,11 @@ use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCR
 use tokio::sync::watch;
 use warbler_media::sources::{H264Decoder, H264Source, OpusDecoder, OpusSource};
 use webrtc::media_stream::{MediaStreamTrack, Track};
-use webrtc::media_stream::track_local::TrackLocal;
+use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::sansio::Protocol;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
@@ -56,6 +61,51 @@ pub struct TrackStats {
 #[derive(Default)]
 struct Shared {
     tracks: Mutex<HashMap<String, TrackStats>>,
+    keyframe_requests: AtomicU64,
+}
+
+/// Delivers keyframe requests (PLI/FIR) to the application, which a publisher must act on.
+#[derive(Default)]
+struct KeyframeRequests {
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &mut msg.message.packet {
+            let wanted = |p: &Box<dyn rtc::rtcp::Packet>| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>();
+            if packets.iter().any(wanted) {
+                packets.retain(wanted);
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.writes.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequests {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
 struct Handler {
@@ -168,7 +218,7 @@ impl NativePeer {
         ];
         me.register_codec(h264, RtpCodecKind::Video).unwrap();
         me.register_codec(rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio).unwrap();
-        let registry = register_default_interceptors(Registry::new(), &mut me).unwrap();
+        let registry = register_default_interceptors(Registry::new(), &mut me).unwrap().with(Slot::from(20_000), KeyframeRequests::default());
         let (gtx, grx) = watch::channel(false);
         let (stx, srx) = watch::channel(RTCPeerConnectionState::New);
         let shared = Arc::new(Shared::default());
@@ -200,7 +250,7 @@ impl NativePeer {
         self.pc.add_track(video.clone() as Arc<dyn TrackLocal>).await.unwrap();
         self.pc.add_track(audio.clone() as Arc<dyn TrackLocal>).await.unwrap();
         let state = self.state.clone();
-        self.streaming.push(tokio::spawn(stream_video(video, state.clone())));
+        self.streaming.push(tokio::spawn(stream_video(video, state.clone(), self.shared.clone())));
         self.streaming.push(tokio::spawn(stream_audio(audio, state)));
         ("cam-video".into(), "cam-audio".into())
     }
@@ -232,6 +282,11 @@ impl NativePeer {
 
     pub async fn wait_connected(&mut self, within: Duration) -> bool {
         tokio::time::timeout(within, self.state.wait_for(|s| *s == RTCPeerConnectionState::Connected)).await.is_ok()
+    }
+
+    /// PLI/FIR the publisher received (it answers each with a keyframe).
+    pub fn keyframe_requests(&self) -> u64 {
+        self.shared.keyframe_requests.load(Ordering::Relaxed)
     }
 
     pub fn tracks(&self) -> HashMap<String, TrackStats> {
@@ -277,7 +332,7 @@ async fn wait_for_connected(mut state: watch::Receiver<RTCPeerConnectionState>) 
     state.wait_for(|s| *s == RTCPeerConnectionState::Connected).await.is_ok()
 }
 
-async fn stream_video(track: Arc<TrackLocalStaticSample>, state: watch::Receiver<RTCPeerConnectionState>) {
+async fn stream_video(track: Arc<TrackLocalStaticSample>, state: watch::Receiver<RTCPeerConnectionState>, shared: Arc<Shared>) {
     if !wait_for_connected(state).await {
         return;
     }
@@ -285,8 +340,22 @@ async fn stream_video(track: Arc<TrackLocalStaticSample>, state: watch::Receiver
     let pt = H264_PT;
     let mut src = H264Source::new(320, 180, 30.0, 400_000).unwrap();
     let mut tick = tokio::time::interval(Duration::from_millis(33));
+    let mut feedback_open = true;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            ev = track.poll(), if feedback_open => {
+                match ev {
+                    Some(TrackLocalEvent::OnRtcpPacket(_)) => {
+                        shared.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                        src.force_keyframe();
+                    }
+                    Some(_) => {}
+                    None => feedback_open = false,
+                }
+                continue;
+            }
+        }
         let frame = src.next_frame().unwrap();
         let sample = rtc::media::Sample { data: Bytes::from(frame), duration: Duration::from_millis(33), ..rtc::media::Sample::new(Instant::now()) };
         if track.sample_writer(ssrc, pt).write_sample(&sample).await.is_err() {
