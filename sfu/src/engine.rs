@@ -387,24 +387,31 @@ impl Engine {
         if let Some(p) = self.participants.get_mut(&id) {
             p.subscriber = Some(peer_id);
         }
+        let kinds = receive_kinds(&offer_sdp);
         let offer = RTCSessionDescription::offer(offer_sdp).map_err(|e| EngineError::BadSdp(e.to_string()))?;
-        // Codec per kind: the watched participant's current track if any, else our first choice.
-        let codec_for = |kind: MediaKind| -> (Codec, RTCRtpCodec) {
+        // Codec per m-line: the watched participant's current track's codec if the player offers
+        // it, else our first preference among what the player offers.
+        let codec_for = |kind: MediaKind, offered: &[Codec]| -> Result<(Codec, RTCRtpCodec), EngineError> {
             let existing = self.room_tracks(&room).into_iter().find_map(|t| {
                 let t = &self.tracks[&t];
                 let owner = &self.participants[&t.owner];
-                (owner.identity == target_identity && t.kind == kind).then(|| (t.codec, t.codec_params.clone()))
+                (owner.identity == target_identity && t.kind == kind).then(|| t.codec.zip(t.codec_params.clone())).flatten()
             });
-            match existing {
-                Some((Some(c), Some(params))) => (c, params),
-                _ => {
-                    let c = if kind == MediaKind::Audio { Codec::Opus } else { self.cfg.video_codecs.first().copied().unwrap_or(Codec::Vp8) };
-                    (c, crate::rtc_setup::codec_parameters(c, false).remove(0).rtp_codec)
-                }
+            if let Some((c, params)) = existing
+                && offered.contains(&c)
+            {
+                return Ok((c, params));
             }
+            let ours: &[Codec] = if kind == MediaKind::Audio { &[Codec::Opus] } else { &self.cfg.video_codecs };
+            let c = ours.iter().copied().find(|c| offered.contains(c)).ok_or_else(|| {
+                EngineError::BadSdp(format!("no codec in common for {}: offered {offered:?}, supported {ours:?}", if kind == MediaKind::Audio { "audio" } else { "video" }))
+            })?;
+            Ok((c, crate::rtc_setup::codec_parameters(c, false).remove(0).rtp_codec))
         };
-        let audio_codec = codec_for(MediaKind::Audio);
-        let video_codec = codec_for(MediaKind::Video);
+        let mut planned = Vec::new();
+        for (kind, offered) in &kinds {
+            planned.push((*kind, codec_for(*kind, offered)?));
+        }
         let mut slots: Vec<(MediaKind, u32, (Codec, RTCRtpCodec))> = Vec::new();
         let stream_id = format!("whep-{target_identity}");
         let peer = self.peers.get_mut(&peer_id).ok_or(EngineError::UnknownParticipant)?;
@@ -412,22 +419,8 @@ impl Engine {
         let sdp = guarded(&self.metrics, "whep offer", || -> Result<(String, Vec<RTCRtpSenderId>), EngineError> {
             peer.pc.set_remote_description(now, offer).map_err(|e| EngineError::BadSdp(e.to_string()))?;
             let mut senders = Vec::new();
-            let kinds: Vec<RtpCodecKind> = peer
-                .pc
-                .get_transceivers()
-                .collect::<Vec<_>>()
-                .into_iter()
-                .filter_map(|t| peer.pc.rtp_transceiver(t).and_then(|tr| tr.receiver()))
-                .collect::<Vec<_>>()
-                .into_iter()
-                .filter_map(|r| peer.pc.rtp_receiver(r).map(|r| r.track().kind()))
-                .collect();
-            for kind in kinds {
-                let (mk, codec) = match kind {
-                    RtpCodecKind::Audio => (MediaKind::Audio, audio_codec.clone()),
-                    RtpCodecKind::Video => (MediaKind::Video, video_codec.clone()),
-                    _ => continue,
-                };
+            for (mk, codec) in planned {
+                let kind = if mk == MediaKind::Audio { RtpCodecKind::Audio } else { RtpCodecKind::Video };
                 let ssrc = rng.random::<u32>();
                 let track = media_stream_track(&stream_id, &format!("{stream_id}-{}", slots.len()), kind, ssrc, &codec.1);
                 let sender = peer.pc.add_track(track).map_err(|e| EngineError::BadSdp(format!("cannot send {kind}: {e}")))?;
@@ -1418,6 +1411,44 @@ fn media_stream_track(stream_id: &str, track_id: &str, kind: RtpCodecKind, ssrc:
     )
 }
 
+/// The audio/video m-lines an offer wants to receive on, in order, with the codecs each offers
+/// (WHEP).
+fn receive_kinds(sdp: &str) -> Vec<(MediaKind, Vec<Codec>)> {
+    let mut out = Vec::new();
+    let mut current: Option<(MediaKind, bool, Vec<Codec>)> = None;
+    let mut close = |current: &mut Option<(MediaKind, bool, Vec<Codec>)>| {
+        if let Some((kind, true, codecs)) = current.take() {
+            out.push((kind, codecs));
+        }
+    };
+    for line in sdp.lines().map(str::trim) {
+        if let Some(m) = line.strip_prefix("m=") {
+            close(&mut current);
+            let mut parts = m.split_whitespace();
+            let kind = match parts.next() {
+                Some("audio") => Some(MediaKind::Audio),
+                Some("video") => Some(MediaKind::Video),
+                _ => None,
+            };
+            let port_open = parts.next().is_some_and(|p| p != "0");
+            current = kind.map(|k| (k, port_open, Vec::new()));
+        } else if let Some((_, receives, codecs)) = current.as_mut() {
+            if line == "a=sendonly" || line == "a=inactive" {
+                *receives = false;
+            } else if let Some(map) = line.strip_prefix("a=rtpmap:") {
+                // a=rtpmap:<pt> <name>/<clock>[/<channels>]
+                if let Some(c) = map.split_whitespace().nth(1).and_then(|n| n.split('/').next()).and_then(Codec::from_mime)
+                    && !codecs.contains(&c)
+                {
+                    codecs.push(c);
+                }
+            }
+        }
+    }
+    close(&mut current);
+    out
+}
+
 /// Whether an offer has an audio/video m-line the client sends on (cheap textual check used only
 /// for the publish-grant decision; the stack parses the SDP for real).
 fn sdp_sends_media(sdp: &str) -> bool {
@@ -1455,6 +1486,27 @@ mod tests {
         ];
         for (sdp, want) in cases {
             assert_eq!(sdp_sends_media(sdp), want, "{sdp:?}");
+        }
+    }
+
+    #[test]
+    fn receive_kinds_table() {
+        let a = MediaKind::Audio;
+        let v = MediaKind::Video;
+        let cases: Vec<(&str, Vec<(MediaKind, Vec<Codec>)>)> = vec![
+            (
+                "m=audio 9 UDP 111\r\na=rtpmap:111 opus/48000/2\r\na=recvonly\r\nm=video 9 UDP 96 102\r\na=recvonly\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=rtpmap:102 H264/90000\r\n",
+                vec![(a, vec![Codec::Opus]), (v, vec![Codec::Vp8, Codec::H264])],
+            ),
+            ("m=video 9 UDP 96\r\na=sendrecv\r\n", vec![(v, vec![])]),
+            ("m=video 9 UDP 96\r\na=sendonly\r\nm=audio 9 UDP 111\r\n", vec![(a, vec![])]),
+            ("m=video 0 UDP 96\r\na=recvonly\r\n", vec![]),
+            ("m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n", vec![]),
+            ("m=audio 9 UDP 111\r\na=inactive\r\n", vec![]),
+            ("", vec![]),
+        ];
+        for (sdp, want) in cases {
+            assert_eq!(receive_kinds(sdp), want, "{sdp:?}");
         }
     }
 

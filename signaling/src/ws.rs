@@ -80,6 +80,7 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>) {
                 let text = match msg {
                     Message::Text(t) => t,
                     Message::Binary(_) => {
+                        state.metrics.ws_errors(ErrorCode::BadMessage);
                         send(&mut socket, protocol::error(ErrorCode::BadMessage, "binary frames are not part of the protocol", None)).await;
                         continue;
                     }

@@ -1,5 +1,5 @@
 // Test A: two Chromium pages join one room through the UI, decode each other's video and receive
-// each other's audio; when one leaves, the other's participant list and grid drop it.
+// each other's audio; when one leaves, the other's participant list and grid drop it; rejoining works.
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import { withServer, launchChromium, openPage, joinViaUi, waitFlowing, poll, state } from './harness.js';
@@ -56,6 +56,15 @@ test('A: two Chromium pages exchange audio and video; leave removes the particip
       return !s.participants.some((p) => p.sid === s1.participantId) && tiles === 0 && items === 0;
     }, { timeout: 10000 });
     t.diagnostic(`Bob dropped Alice ${Date.now() - tLeave} ms after she clicked leave`);
+
+    // Alice comes back from the same tab (same identity): a fresh session that works both ways.
+    const again = await joinViaUi(p1, room, 'Alice');
+    assert.notEqual(again.participantId, s1.participantId);
+    await waitFlowing(p2, again.participantId, 'video');
+    await waitFlowing(p1, s2.participantId, 'video');
+    await poll('Bob to list Alice once', async () =>
+      (await state(p2)).participants.filter((p) => p.name === 'Alice').length === 1);
     assert.deepEqual((await state(p2)).errors, []);
+    assert.deepEqual((await state(p1)).errors, []);
   });
 });

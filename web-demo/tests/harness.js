@@ -194,15 +194,29 @@ export async function remoteStat(page, participantSid, kind, source) {
  */
 export async function waitFlowing(page, participantSid, kind, { source, counter, timeout = 30000 } = {}) {
   const field = counter ?? (kind === 'video' ? 'framesDecoded' : 'packetsReceived');
+  const what = `${kind}${source ? ` (${source})` : ''} of ${participantSid}`;
+  let all = null; // the page's last inboundStats(), for the failure message
+  const sample = async () => {
+    all = await inboundStats(page);
+    return all.find((s) => s.participantSid === participantSid && s.kind === kind && (!source || s.source === source));
+  };
+  const withContext = async (promise) => {
+    try {
+      return await promise;
+    } catch (e) {
+      e.message += `\ninboundStats: ${JSON.stringify(all)}\nstate: ${JSON.stringify(await state(page).catch((x) => String(x)))}`;
+      throw e;
+    }
+  };
   const t0 = Date.now();
-  const first = await poll(`${kind}${source ? ` (${source})` : ''} of ${participantSid}: ${field} > 0`, async () => {
-    const s = await remoteStat(page, participantSid, kind, source);
+  const first = await withContext(poll(`${what}: ${field} > 0`, async () => {
+    const s = await sample();
     return s && s[field] > 0 && s;
-  }, { timeout });
+  }, { timeout }));
   const firstSeenMs = Date.now() - t0;
-  const second = await poll(`${kind} of ${participantSid}: ${field} to grow past ${first[field]}`, async () => {
-    const s = await remoteStat(page, participantSid, kind, source);
+  const second = await withContext(poll(`${what}: ${field} to grow past ${first[field]}`, async () => {
+    const s = await sample();
     return s && s.trackSid === first.trackSid && s[field] > first[field] && s;
-  }, { timeout: 10000 });
+  }, { timeout: 10000 }));
   return { first, second, firstSeenMs };
 }

@@ -255,6 +255,18 @@ impl NativePeer {
         ("cam-video".into(), "cam-audio".into())
     }
 
+    /// A receive-only audio and video transceiver (a WHEP player).
+    pub async fn add_receive_only(&self) {
+        for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+            let init = rtc::rtp_transceiver::RTCRtpTransceiverInit {
+                direction: rtc::rtp_transceiver::RTCRtpTransceiverDirection::Recvonly,
+                streams: vec![],
+                send_encodings: vec![],
+            };
+            self.pc.add_transceiver_from_kind(kind, Some(init)).await.unwrap();
+        }
+    }
+
     /// Creates an offer with all candidates in it.
     pub async fn offer(&mut self) -> String {
         let offer = self.pc.create_offer(None).await.unwrap();
