@@ -22,7 +22,7 @@ export class Session extends EventTarget {
   #streamByMid = new Map(); // mid -> msid stream id (= publisher participant sid)
   #pubChain = Promise.resolve();
   #subChain = Promise.resolve();
-  #signaled = { publisher: false, subscriber: false }; // first offer/answer sent: trickle may flow
+  #signaled = { publisher: false, subscriber: false }; // the server knows the connection: trickle may flow
   #pendingCandidates = { publisher: [], subscriber: [] };
   #pingTimer = null;
   #ended = false;
@@ -247,27 +247,33 @@ export class Session extends EventTarget {
   }
 
   async #startLocalMedia() {
-    let stream;
-    try {
-      stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: VIDEO_CONSTRAINTS });
-    } catch (e) {
-      this.#emitError('media', `Camera and microphone unavailable: ${e.name}: ${e.message}`);
-      // Try each device alone, so that a missing camera still lets the microphone work.
-      const tracks = [];
-      for (const [what, constraints] of [['microphone', { audio: true }], ['camera', { video: VIDEO_CONSTRAINTS }]]) {
-        try {
-          tracks.push(...(await navigator.mediaDevices.getUserMedia(constraints)).getTracks());
-        } catch (e2) {
-          this.#emitError('media', `No ${what}: ${e2.name}: ${e2.message}`);
-        }
-      }
-      if (!tracks.length) return;
-      stream = new MediaStream(tracks);
-    }
-    if (this.#ended) {
-      stream.getTracks().forEach((t) => t.stop());
+    const md = navigator.mediaDevices;
+    if (!md?.getUserMedia) {
+      this.#emitError('media', 'Camera and microphone need a secure page (https:// or http://localhost); joined receive-only');
       return;
     }
+    let tracks = [];
+    try {
+      tracks = (await md.getUserMedia({ audio: true, video: VIDEO_CONSTRAINTS })).getTracks();
+    } catch (both) {
+      // Try each device alone, so that a missing camera still lets the microphone work.
+      const failed = [];
+      for (const [what, constraints] of [['microphone', { audio: true }], ['camera', { video: VIDEO_CONSTRAINTS }]]) {
+        try {
+          tracks.push(...(await md.getUserMedia(constraints)).getTracks());
+        } catch (e) {
+          failed.push(`${what} (${e.name}: ${e.message})`);
+        }
+      }
+      this.#emitError('media', tracks.length
+        ? `Unavailable: ${failed.join(', ')}; publishing the rest`
+        : `Camera and microphone unavailable (${both.name}: ${both.message}); joined receive-only`);
+    }
+    if (this.#ended) {
+      tracks.forEach((t) => t.stop());
+      return;
+    }
+    const stream = new MediaStream(tracks);
     for (const track of stream.getAudioTracks()) this.#addLocal('microphone', track, stream);
     for (const track of stream.getVideoTracks()) this.#addLocal('camera', track, stream);
   }

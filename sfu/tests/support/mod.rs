@@ -54,8 +54,24 @@ pub struct TrackStats {
     pub last_frame_size: Option<(usize, usize)>,
     pub audio_frames_decoded: u64,
     pub ended: bool,
+    /// Every distinct (extended) sequence number received, to measure what stayed lost.
+    pub seqs: std::collections::BTreeSet<u64>,
+    ext: Option<u64>,
     last_seq: Option<u16>,
     last_ts: Option<u32>,
+}
+
+impl TrackStats {
+    /// Sequence numbers never received between the first and the last `settle` packets.
+    pub fn missing(&self, settle: u64) -> u64 {
+        let (Some(&lo), Some(&hi)) = (self.seqs.first(), self.seqs.last()) else { return 0 };
+        let hi = hi.saturating_sub(settle);
+        if hi <= lo {
+            return 0;
+        }
+        let have = self.seqs.range(lo..=hi).count() as u64;
+        (hi - lo + 1) - have
+    }
 }
 
 #[derive(Default)]
@@ -139,30 +155,11 @@ impl PeerConnectionEventHandler for Handler {
                 e.stream_id = stream_id;
                 e.ended = false;
             }
-            let mut h264 = H264Packet::default();
-            let mut au: Vec<u8> = Vec::new();
+            let mut frames = FrameAssembler::default();
             let mut decoder = H264Decoder::new().ok();
             let mut opus = OpusDecoder::new().ok();
             while let Some(ev) = track.poll().await {
                 let TrackRemoteEvent::OnRtpPacket(p) = ev else { continue };
-                let mut decoded = None;
-                let mut audio_ok = false;
-                let mut failed = false;
-                if kind == RtpCodecKind::Video {
-                    if let Ok(nal) = h264.depacketize(&p.payload) {
-                        au.extend_from_slice(&nal);
-                    }
-                    if p.header.marker && !au.is_empty() {
-                        match decoder.as_mut().map(|d| d.decode(&au)) {
-                            Some(Ok(Some(size))) => decoded = Some(size),
-                            Some(Err(_)) => failed = true,
-                            _ => {}
-                        }
-                        au.clear();
-                    }
-                } else if let Some(o) = opus.as_mut() {
-                    audio_ok = o.decode(&p.payload).is_ok();
-                }
                 let mut t = shared.tracks.lock().unwrap();
                 let e = t.entry(id.clone()).or_default();
                 e.packets += 1;
@@ -179,15 +176,39 @@ impl PeerConnectionEventHandler for Handler {
                 {
                     e.ts_backwards += 1;
                 }
+                let ext = match e.ext {
+                    None => (1u64 << 16) + u64::from(p.header.sequence_number),
+                    Some(h) => {
+                        let base = h & !0xffff;
+                        let c = base | u64::from(p.header.sequence_number);
+                        if c > h && c - h > 0x8000 { c - 0x10000 } else if c < h && h - c > 0x8000 { c + 0x10000 } else { c }
+                    }
+                };
+                e.ext = Some(e.ext.map_or(ext, |h| h.max(ext)));
+                e.seqs.insert(ext);
                 e.last_seq = Some(p.header.sequence_number);
                 e.last_ts = Some(p.header.timestamp);
+                let mut decoded = None;
+                let mut audio_ok = false;
+                let mut failed = 0;
+                if kind == RtpCodecKind::Video {
+                    for au in frames.push(ext, p.header.marker, p.payload.clone(), Instant::now()) {
+                        match decoder.as_mut().map(|d| d.decode(&au)) {
+                            Some(Ok(Some(size))) => {
+                                e.frames_decoded += 1;
+                                decoded = Some(size);
+                            }
+                            Some(Err(_)) => failed += 1,
+                            _ => {}
+                        }
+                    }
+                } else if let Some(o) = opus.as_mut() {
+                    audio_ok = o.decode(&p.payload).is_ok();
+                }
                 if let Some(size) = decoded {
-                    e.frames_decoded += 1;
                     e.last_frame_size = Some(size);
                 }
-                if failed {
-                    e.decode_errors += 1;
-                }
+                e.decode_errors += failed;
                 if audio_ok {
                     e.audio_frames_decoded += 1;
                 }
@@ -196,6 +217,72 @@ impl PeerConnectionEventHandler for Handler {
                 e.ended = true;
             }
         });
+    }
+}
+
+/// A minimal jitter buffer: puts video packets back in sequence order (retransmissions arrive
+/// late) and hands out complete access units; a hole not filled within 500 ms is skipped.
+#[derive(Default)]
+struct FrameAssembler {
+    buf: std::collections::BTreeMap<u64, (bool, Bytes)>,
+    next: Option<u64>,
+    gap_since: Option<Instant>,
+}
+
+impl FrameAssembler {
+    fn push(&mut self, ext: u64, marker: bool, payload: Bytes, now: Instant) -> Vec<Vec<u8>> {
+        let next = *self.next.get_or_insert(ext);
+        if ext < next {
+            return vec![];
+        }
+        self.buf.insert(ext, (marker, payload));
+        let mut out = Vec::new();
+        loop {
+            let next = self.next.unwrap_or(ext);
+            // A complete frame: next, next+1, ... up to a marker, all present.
+            let mut end = None;
+            let mut s = next;
+            while let Some((m, _)) = self.buf.get(&s) {
+                if *m {
+                    end = Some(s);
+                    break;
+                }
+                s += 1;
+            }
+            if let Some(end) = end {
+                let mut h264 = H264Packet::default();
+                let mut au = Vec::new();
+                for k in next..=end {
+                    if let Some((_, payload)) = self.buf.remove(&k)
+                        && let Ok(nal) = h264.depacketize(&payload)
+                    {
+                        au.extend_from_slice(&nal);
+                    }
+                }
+                self.next = Some(end + 1);
+                self.gap_since = None;
+                if !au.is_empty() {
+                    out.push(au);
+                }
+                continue;
+            }
+            if self.buf.contains_key(&next) || self.buf.is_empty() {
+                break;
+            }
+            // The head is missing: wait for a retransmission, give up after 500 ms.
+            let since = *self.gap_since.get_or_insert(now);
+            if now.duration_since(since) < Duration::from_millis(500) {
+                break;
+            }
+            // Skip to the first packet after a frame boundary.
+            let first = *self.buf.keys().next().unwrap_or(&next);
+            let boundary = self.buf.range(first..).find(|(_, (m, _))| *m).map(|(k, _)| *k + 1);
+            let resume = boundary.unwrap_or(first);
+            self.buf = self.buf.split_off(&resume);
+            self.next = Some(resume);
+            self.gap_since = None;
+        }
+        out
     }
 }
 

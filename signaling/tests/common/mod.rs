@@ -148,6 +148,12 @@ impl Client {
     /// Connects and joins. `subscriber_rt` runs the subscriber connection on another runtime
     /// (so a test can make it vanish by dropping that runtime).
     pub async fn join(url: &str, token: &str, subscriber_rt: Option<tokio::runtime::Handle>) -> Client {
+        Self::join_with(url, token, subscriber_rt, None).await
+    }
+
+    /// As `join`, with every subscriber offer passed through `rewrite` first (e.g. to point the
+    /// subscriber at a lossy relay instead of the server).
+    pub async fn join_with(url: &str, token: &str, subscriber_rt: Option<tokio::runtime::Handle>, rewrite: Option<Arc<dyn Fn(String) -> String + Send + Sync>>) -> Client {
         let mut raw = RawWs::connect(url).await;
         raw.send(json!({"type":"join","version":1,"token":token})).await;
         let joined = raw.recv().await.expect("reply to join");
@@ -166,7 +172,10 @@ impl Client {
                         let Message::Text(t) = m else { continue };
                         let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
                         if v["type"] == "subscriber_offer" {
-                            let offer = v["sdp"].as_str().unwrap_or_default().to_owned();
+                            let mut offer = v["sdp"].as_str().unwrap_or_default().to_owned();
+                            if let Some(f) = &rewrite {
+                                offer = f(offer);
+                            }
                             let sub = sub.clone();
                             let rt = subscriber_rt.clone();
                             let answer = async move {
