@@ -167,6 +167,11 @@ pub enum ParticipantEvent {
     ConnectionState { role: PeerRole, state: ConnectionState },
     /// The engine removed this participant (timeout, failure, drain); signaling closes its side.
     Removed { reason: LeaveReason },
+    /// A data channel the client opened (on any of its connections) is ready.
+    DataChannelOpen { label: String },
+    DataChannelClosed { label: String },
+    /// A message on one of the participant's data channels.
+    DataMessage { label: String, data: bytes::Bytes, is_text: bool },
 }
 
 /// Errors a request can get. Each maps to one protocol error code.
@@ -188,6 +193,9 @@ pub enum EngineError {
     WrongState(&'static str),
     #[error("internal: {0}")]
     Internal(String),
+    /// The data channel is missing, not open, or its reader is too slow.
+    #[error("data channel unavailable: {0}")]
+    DataChannel(String),
 }
 
 /// Engine tunables.
@@ -207,6 +215,10 @@ pub struct EngineConfig {
     pub packet_cache_size: usize,
     /// Largest SDP accepted.
     pub max_sdp_bytes: usize,
+    /// Largest data channel message accepted from a client (larger ones are dropped, counted).
+    pub max_data_message_bytes: usize,
+    /// A data channel with more unacknowledged bytes than this is not written to (slow reader).
+    pub max_data_channel_backlog_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -219,6 +231,8 @@ impl Default for EngineConfig {
             video_codecs: vec![Codec::Vp8, Codec::H264],
             packet_cache_size: 512,
             max_sdp_bytes: 64 * 1024,
+            max_data_message_bytes: 64 * 1024,
+            max_data_channel_backlog_bytes: 4 * 1024 * 1024,
         }
     }
 }

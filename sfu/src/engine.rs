@@ -147,6 +147,8 @@ struct Peer {
     down_by_ssrc: HashMap<u32, DownTrackId>,
     offer_in_flight: bool,
     negotiation_needed: bool,
+    /// Open data channels: label → id (the client opens them; a label is unique per peer).
+    data_channels: HashMap<String, rtc::data_channel::RTCDataChannelId>,
 }
 
 /// The media engine. See the module documentation.
@@ -527,6 +529,11 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// Every participant id in a room, in join order (WHEP viewers included).
+    pub fn room_participant_ids(&self, room: &RoomName) -> Vec<ParticipantId> {
+        self.rooms.get(room).map(|r| r.participants.clone()).unwrap_or_default()
+    }
+
     /// Whether a participant with this identity is in the room (WHEP target check).
     pub fn identity_present(&self, room: &RoomName, identity: &str) -> bool {
         self.rooms.get(room).is_some_and(|r| r.participants.iter().any(|p| self.participants[p].identity == identity && !matches!(self.participants[p].kind, ParticipantKind::Whep { .. })))
@@ -663,6 +670,7 @@ impl Engine {
                 down_by_ssrc: HashMap::new(),
                 offer_in_flight: false,
                 negotiation_needed: false,
+                data_channels: HashMap::new(),
             },
         );
         self.update_gauges();
@@ -726,13 +734,18 @@ impl Engine {
             match message {
                 RTCMessage::RtpPacket(track_id, packet) => self.on_publisher_rtp(now, peer_id, &track_id, packet),
                 RTCMessage::RtcpPacket(_, packets) => self.on_rtcp(now, peer_id, packets),
+                RTCMessage::DataChannelMessage(channel, msg) => self.on_data_message(peer_id, channel, msg),
                 _ => {}
             }
         }
     }
 
     fn on_peer_event(&mut self, now: Instant, peer_id: PeerId, event: RTCPeerConnectionEvent) {
-        let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) = event else { return };
+        let state = match event {
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => state,
+            RTCPeerConnectionEvent::OnDataChannel(dc) => return self.on_data_channel_event(peer_id, dc),
+            _ => return,
+        };
         let Some(peer) = self.peers.get_mut(&peer_id) else { return };
         let state = match state {
             RTCPeerConnectionState::Connected => ConnectionState::Connected,
@@ -755,6 +768,96 @@ impl Engine {
         if state == ConnectionState::Failed {
             self.metrics.peers_timed_out.inc();
             self.remove_participant(now, participant, LeaveReason::Disconnected);
+        }
+    }
+
+    fn on_data_channel_event(&mut self, peer_id: PeerId, event: rtc::peer_connection::event::RTCDataChannelEvent) {
+        use rtc::peer_connection::event::RTCDataChannelEvent as E;
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let participant = peer.participant;
+        match event {
+            E::OnOpen(id) => {
+                let Some(label) = peer.pc.data_channel(id).map(|dc| dc.label().to_owned()) else { return };
+                if label.len() > 128 {
+                    return;
+                }
+                peer.data_channels.insert(label.clone(), id);
+                debug!(participant = %participant, label, "data channel open");
+                self.emit(participant, ParticipantEvent::DataChannelOpen { label });
+            }
+            E::OnClose(id) => {
+                let label = peer.data_channels.iter().find(|(_, v)| **v == id).map(|(k, _)| k.clone());
+                if let Some(label) = label {
+                    peer.data_channels.remove(&label);
+                    self.emit(participant, ParticipantEvent::DataChannelClosed { label });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_data_message(&mut self, peer_id: PeerId, channel: rtc::data_channel::RTCDataChannelId, msg: rtc::data_channel::RTCDataChannelMessage) {
+        let Some(peer) = self.peers.get(&peer_id) else { return };
+        let participant = peer.participant;
+        let Some(label) = peer.data_channels.iter().find(|(_, v)| **v == channel).map(|(k, _)| k.clone()) else {
+            self.metrics.data_messages_dropped.inc();
+            return;
+        };
+        if msg.data.len() > self.cfg.max_data_message_bytes {
+            self.metrics.data_messages_dropped.inc();
+            debug!(participant = %participant, len = msg.data.len(), "oversized data channel message dropped");
+            return;
+        }
+        self.metrics.data_messages_in.inc();
+        self.emit(participant, ParticipantEvent::DataMessage { label, data: msg.data.freeze(), is_text: msg.is_string });
+    }
+
+    /// Sends a message on each listed participant's data channel `label` (whichever of its
+    /// connections carries it). Returns the participants it could not be sent to.
+    pub fn send_data(&mut self, now: Instant, to: &[ParticipantId], label: &str, data: &[u8], is_text: bool) -> Vec<(ParticipantId, EngineError)> {
+        let mut failed = Vec::new();
+        for &pid in to {
+            match self.send_data_one(now, pid, label, data, is_text) {
+                Ok(peer) => self.mark_dirty(peer),
+                Err(e) => failed.push((pid, e)),
+            }
+        }
+        self.flush(now);
+        failed
+    }
+
+    fn send_data_one(&mut self, now: Instant, pid: ParticipantId, label: &str, data: &[u8], is_text: bool) -> Result<PeerId, EngineError> {
+        let p = self.participants.get(&pid).ok_or(EngineError::UnknownParticipant)?;
+        let peer_id = [p.publisher, p.subscriber]
+            .into_iter()
+            .flatten()
+            .find(|peer| self.peers.get(peer).is_some_and(|x| x.data_channels.contains_key(label)))
+            .ok_or_else(|| EngineError::DataChannel(format!("no open data channel {label:?}")))?;
+        let backlog_limit = self.cfg.max_data_channel_backlog_bytes;
+        let peer = self.peers.get_mut(&peer_id).ok_or(EngineError::UnknownParticipant)?;
+        let id = peer.data_channels[label];
+        let result = guarded(&self.metrics, "data send", || -> Result<(), EngineError> {
+            let mut dc = peer.pc.data_channel(id).ok_or_else(|| EngineError::DataChannel("closed".into()))?;
+            if dc.outstanding_bytes() + data.len() > backlog_limit {
+                return Err(EngineError::DataChannel("receiver too slow".into()));
+            }
+            let sent = if is_text {
+                dc.send_text(now, String::from_utf8_lossy(data).into_owned())
+            } else {
+                dc.send(now, BytesMut::from(data))
+            };
+            sent.map_err(|e| EngineError::DataChannel(e.to_string()))
+        })
+        .unwrap_or_else(|| Err(EngineError::Internal("WebRTC stack failure".into())));
+        match result {
+            Ok(()) => {
+                self.metrics.data_messages_out.inc();
+                Ok(peer_id)
+            }
+            Err(e) => {
+                self.metrics.data_messages_dropped.inc();
+                Err(e)
+            }
         }
     }
 

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub keyframe_requests_throttled: IntCounter,
     pub peers_timed_out: IntCounter,
     pub engine_panics_caught: IntCounter,
+    pub data_messages_in: IntCounter,
+    pub data_messages_out: IntCounter,
+    pub data_messages_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -90,6 +93,9 @@ impl Metrics {
             keyframe_requests_throttled: counter(registry, "warbler_keyframe_requests_throttled_total", "Keyframe requests not sent because one was sent recently")?,
             peers_timed_out: counter(registry, "warbler_peers_timed_out_total", "Peer connections removed after losing ICE consent")?,
             engine_panics_caught: counter(registry, "warbler_engine_panics_caught_total", "Panics inside the WebRTC stack caught and isolated to one peer")?,
+            data_messages_in: counter(registry, "warbler_data_messages_in_total", "Data channel messages received from clients")?,
+            data_messages_out: counter(registry, "warbler_data_messages_out_total", "Data channel messages sent to clients")?,
+            data_messages_dropped: counter(registry, "warbler_data_messages_dropped_total", "Data channel messages not delivered (oversized, unknown channel, slow reader)")?,
         })
     }
 

@@ -115,6 +115,16 @@ impl EngineHandle {
         self.call(move |core, now| core.engine.set_muted(now, id, track, muted)).await?
     }
 
+    /// Sends one data channel message to each listed participant; returns those it failed for.
+    pub async fn send_data(&self, to: Vec<ParticipantId>, label: String, data: bytes::Bytes, is_text: bool) -> Result<Vec<(ParticipantId, EngineError)>, EngineError> {
+        self.call(move |core, now| core.engine.send_data(now, &to, &label, &data, is_text)).await
+    }
+
+    /// Participant ids in a room (for relaying to everyone).
+    pub async fn room_participant_ids(&self, room: RoomName) -> Result<Vec<ParticipantId>, EngineError> {
+        self.call(move |core, _| core.engine.room_participant_ids(&room)).await
+    }
+
     pub async fn room_participants(&self, room: RoomName) -> Result<Vec<ParticipantInfo>, EngineError> {
         self.call(move |core, _| core.engine.room_participants(&room)).await
     }

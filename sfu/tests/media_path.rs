@@ -75,5 +75,35 @@ async fn publisher_to_two_subscribers_decodes() {
     .await;
     let tracks = peer.lock().await.tracks();
     assert!(ok, "bob decodes video and audio: {tracks:#?}");
-    eprintln!("{tracks:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn data_channel_messages_reach_the_engine_and_back() {
+    let engine = engine();
+    let (carl, mut events) = engine.join(join_req("dc", "carl")).await.unwrap();
+    let mut peer = NativePeer::new().await;
+    let mut chat = peer.open_data_channel("chat").await;
+    let offer = peer.offer().await;
+    // A data-channel-only offer needs no publish grant and publishes no track.
+    let answer = engine.publish(carl.participant.id, offer, vec![]).await.unwrap();
+    assert!(answer.tracks.is_empty());
+    peer.accept_answer(answer.sdp).await;
+    assert!(chat.wait_open(Duration::from_secs(10)).await, "data channel opens");
+    chat.send("hello engine").await;
+    let mut got = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.is_none() && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(ParticipantEvent::DataMessage { label, data, is_text })) => got = Some((label, data, is_text)),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    let (label, data, is_text) = got.expect("the engine surfaces the message");
+    assert_eq!((label.as_str(), &data[..], is_text), ("chat", &b"hello engine"[..], true));
+    let failed = engine.send_data(vec![carl.participant.id], "chat".into(), bytes::Bytes::from_static(b"hello client"), true).await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(chat.recv(Duration::from_secs(10)).await.as_deref(), Some("hello client"));
+    let failed = engine.send_data(vec![carl.participant.id], "nope".into(), bytes::Bytes::from_static(b"x"), true).await.unwrap();
+    assert_eq!(failed.len(), 1, "unknown label is reported");
 }

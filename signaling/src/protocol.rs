@@ -112,6 +112,7 @@ impl ErrorCode {
             EngineError::BadSdp(_) => ErrorCode::BadSdp,
             EngineError::WrongState(_) => ErrorCode::InvalidState,
             EngineError::Internal(_) => ErrorCode::Internal,
+            EngineError::DataChannel(_) => ErrorCode::InvalidState,
         }
     }
 }
@@ -175,9 +176,10 @@ pub fn participant_json(p: &ParticipantInfo) -> Value {
     })
 }
 
-/// The JSON for an engine event (None for events that are not sent as such).
-pub fn event_json(ev: &ParticipantEvent) -> Value {
-    match ev {
+/// The JSON for an engine event; `None` for events that are not signaling messages (data
+/// channel traffic, which the chat service handles).
+pub fn event_json(ev: &ParticipantEvent) -> Option<Value> {
+    Some(match ev {
         ParticipantEvent::ParticipantJoined(p) => json!({ "type": "participant_joined", "participant": participant_json(p) }),
         ParticipantEvent::ParticipantLeft { participant, reason } => {
             json!({ "type": "participant_left", "sid": participant.to_string(), "reason": reason.as_str() })
@@ -203,7 +205,8 @@ pub fn event_json(ev: &ParticipantEvent) -> Value {
             json!({ "type": "connection_state", "target": target, "state": state.as_str() })
         }
         ParticipantEvent::Removed { reason } => json!({ "type": "leave", "reason": reason.as_str() }),
-    }
+        ParticipantEvent::DataChannelOpen { .. } | ParticipantEvent::DataChannelClosed { .. } | ParticipantEvent::DataMessage { .. } => return None,
+    })
 }
 
 #[cfg(test)]

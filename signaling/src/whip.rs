@@ -46,7 +46,7 @@ fn engine_error(e: EngineError) -> Response {
         EngineError::BadSdp(_) => error(StatusCode::BAD_REQUEST, "bad_sdp", e.to_string()),
         EngineError::Forbidden(_) => error(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
         EngineError::UnknownParticipant | EngineError::UnknownTrack => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-        EngineError::WrongState(_) => error(StatusCode::CONFLICT, "invalid_state", e.to_string()),
+        EngineError::WrongState(_) | EngineError::DataChannel(_) => error(StatusCode::CONFLICT, "invalid_state", e.to_string()),
         EngineError::Internal(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

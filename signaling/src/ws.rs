@@ -116,10 +116,16 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>) {
             ev = event => {
                 match ev {
                     Some(ParticipantEvent::Removed { reason }) => {
-                        send(&mut socket, protocol::event_json(&ParticipantEvent::Removed { reason })).await;
+                        if let Some(v) = protocol::event_json(&ParticipantEvent::Removed { reason }) {
+                            send(&mut socket, v).await;
+                        }
                         break End::Removed;
                     }
-                    Some(ev) => send(&mut socket, protocol::event_json(&ev)).await,
+                    Some(ev) => {
+                        if let Some(v) = protocol::event_json(&ev) {
+                            send(&mut socket, v).await;
+                        }
+                    }
                     None => break End::Removed,
                 }
             }

@@ -220,6 +220,27 @@ impl PeerConnectionEventHandler for Handler {
     }
 }
 
+/// A data channel of a native peer.
+pub struct DataChannelHandle {
+    pub dc: Arc<dyn webrtc::data_channel::DataChannel>,
+    pub incoming: tokio::sync::mpsc::UnboundedReceiver<String>,
+    open: watch::Receiver<bool>,
+}
+
+impl DataChannelHandle {
+    pub async fn wait_open(&mut self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.open.wait_for(|o| *o)).await.is_ok()
+    }
+
+    pub async fn send(&self, text: &str) {
+        self.dc.send_text(text).await.expect("send on data channel");
+    }
+
+    pub async fn recv(&mut self, within: Duration) -> Option<String> {
+        tokio::time::timeout(within, self.incoming.recv()).await.ok().flatten()
+    }
+}
+
 /// A minimal jitter buffer: puts video packets back in sequence order (retransmissions arrive
 /// late) and hands out complete access units; a hole not filled within 500 ms is skipped.
 #[derive(Default)]
@@ -340,6 +361,30 @@ impl NativePeer {
         self.streaming.push(tokio::spawn(stream_video(video, state.clone(), self.shared.clone())));
         self.streaming.push(tokio::spawn(stream_audio(audio, state)));
         ("cam-video".into(), "cam-audio".into())
+    }
+
+    /// Opens a reliable, ordered data channel; messages received on it arrive on the returned
+    /// receiver, and `send` on the handle writes text.
+    pub async fn open_data_channel(&self, label: &str) -> DataChannelHandle {
+        let dc = self.pc.create_data_channel(label, None).await.expect("data channel");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (open_tx, open_rx) = watch::channel(false);
+        let reader = dc.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = reader.poll().await {
+                match ev {
+                    webrtc::data_channel::DataChannelEvent::OnOpen => {
+                        let _ = open_tx.send(true);
+                    }
+                    webrtc::data_channel::DataChannelEvent::OnMessage(m) => {
+                        let _ = tx.send(String::from_utf8_lossy(&m.data).into_owned());
+                    }
+                    webrtc::data_channel::DataChannelEvent::OnClose => break,
+                    _ => {}
+                }
+            }
+        });
+        DataChannelHandle { dc, incoming: rx, open: open_rx }
     }
 
     /// A receive-only audio and video transceiver (a WHEP player).
