@@ -79,6 +79,23 @@ pub struct PayloadInfo {
     /// The payload is the start of a new frame (VP8 S bit with partition 0; any H.264 packet
     /// that is not a continuation fragment).
     pub frame_start: bool,
+    /// VP8 Y bit: the frame depends only on the base temporal layer, so a forwarder may switch
+    /// up to this temporal layer here.
+    pub layer_sync: bool,
+    /// VP8 picture id, TL0PICIDX and KEYIDX when present (a forwarder renumbers them).
+    pub picture_id: Option<u16>,
+    pub picture_id_15bit: bool,
+    pub tl0_pic_idx: Option<u8>,
+    pub key_idx: Option<u8>,
+}
+
+/// Picture size from the first packet of a keyframe, when the codec carries it there.
+pub fn keyframe_dimensions(codec: Codec, payload: &[u8]) -> Option<(u16, u16)> {
+    match codec {
+        Codec::Vp8 => vp8::keyframe_dimensions(payload),
+        Codec::H264 => h264::sps_dimensions(payload),
+        _ => None,
+    }
 }
 
 /// Inspects a payload of `codec`. Malformed payloads yield a default (not a keyframe), never a panic.
@@ -86,11 +103,7 @@ pub fn inspect_payload(codec: Codec, payload: &[u8]) -> PayloadInfo {
     match codec {
         Codec::Vp8 => vp8::inspect(payload),
         Codec::H264 => h264::inspect(payload),
-        Codec::Opus => PayloadInfo {
-            keyframe_start: true,
-            temporal_layer: 0,
-            frame_start: true,
-        },
+        Codec::Opus => PayloadInfo { keyframe_start: true, frame_start: true, ..Default::default() },
         // Not forwarded yet: nothing is ever a decodable start, so a subscriber never gets a
         // corrupt stream from a codec we cannot parse.
         Codec::Vp9 | Codec::Av1 => PayloadInfo::default(),

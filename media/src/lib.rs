@@ -9,4 +9,4 @@ pub mod vp8;
 #[cfg(feature = "sources")]
 pub mod sources;
 
-pub use codec::{Codec, MediaKind, PayloadInfo, inspect_payload};
+pub use codec::{Codec, MediaKind, PayloadInfo, inspect_payload, keyframe_dimensions};

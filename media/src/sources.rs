@@ -166,6 +166,19 @@ mod tests {
     }
 
     #[test]
+    fn sps_of_encoded_streams_gives_their_size() {
+        for (w, h) in [(320usize, 180usize), (640, 360), (1280, 720), (176, 144)] {
+            let mut src = H264Source::new(w, h, 30.0, 500_000).unwrap();
+            let au = src.next_frame().unwrap();
+            let sps = openh264::nal_units(&au)
+                .map(|n| if n.starts_with(&[0, 0, 0, 1]) { &n[4..] } else { &n[3..] })
+                .find(|n| n[0] & 0x1f == 7)
+                .expect("first access unit has an SPS");
+            assert_eq!(crate::h264::sps_dimensions(sps), Some((w as u16, h as u16)));
+        }
+    }
+
+    #[test]
     fn opus_round_trip() {
         let mut src = OpusSource::new().unwrap();
         let mut dec = OpusDecoder::new().unwrap();
