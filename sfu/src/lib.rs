@@ -16,3 +16,4 @@ pub mod packet_cache;
 pub mod rtc_setup;
 pub mod seq;
 pub mod shell;
+pub mod track;

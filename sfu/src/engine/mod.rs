@@ -24,26 +24,23 @@ use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::state::RTCPeerConnectionState;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
-use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
-use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
-use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverId};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tracing::{debug, info, warn};
-use warbler_media::{Codec, MediaKind, inspect_payload};
+use warbler_media::vp8::Vp8Rewrite;
+use warbler_media::{Codec, MediaKind};
+
+mod media;
 
 use crate::api::*;
 use crate::demux::{DatagramKind, Demux, classify};
-use crate::forwarder::{DropReason, Forwarder, PacketMeta, Verdict};
+use crate::forwarder::{DropReason, Forwarder};
 use crate::ids::{ParticipantId, PeerId, PeerRole, RoomName, TrackId};
 use crate::metrics::Metrics;
-use crate::munger::SourceKey;
-use crate::packet_cache::{CachedPacket, PacketCache};
 use crate::rtc_setup::{IceCredentials, build_peer_connection, generate_certificate};
-use crate::seq::{SeqExtender, TsExtender};
+use crate::track::{Layer, LayerFacts, order_layers};
 
 /// What the shell must do next.
 #[derive(Debug)]
@@ -94,12 +91,11 @@ struct PublishedTrack {
     codec: Option<Codec>,
     codec_params: Option<RTCRtpCodec>,
     muted: bool,
-    ssrc: Option<u32>,
-    seq: SeqExtender,
-    ts: TsExtender,
-    cache: Option<PacketCache>,
+    /// One per SSRC seen (several with simulcast), in arrival order.
+    layers: Vec<Layer>,
+    /// Spatial index of each entry of `layers` (0 = lowest quality).
+    spatial: Vec<u8>,
     subscribers: Vec<(PeerId, DownTrackId)>,
-    last_keyframe_request: Option<Instant>,
 }
 
 impl PublishedTrack {
@@ -107,8 +103,25 @@ impl PublishedTrack {
         TrackInfo { id: self.id, kind: self.kind, source: self.source, codec: self.codec, muted: self.muted, name: self.name.clone() }
     }
 
-    fn current_source(&self) -> Option<SourceKey> {
-        self.ssrc.map(|ssrc| SourceKey { track: self.id.0, ssrc })
+    /// Recomputes which layer is spatial 0, 1, 2… from what is known about each.
+    fn reorder_layers(&mut self, now: Instant) {
+        let facts: Vec<LayerFacts> = self
+            .layers
+            .iter_mut()
+            .map(|l| LayerFacts { pixels: l.dims.map(|(w, h)| u32::from(w) * u32::from(h)), bps: l.rate.bps(now) })
+            .collect();
+        let order = order_layers(&facts);
+        self.spatial = vec![0; self.layers.len()];
+        for (rank, &i) in order.iter().enumerate() {
+            self.spatial[i] = rank as u8;
+        }
+    }
+
+    /// Index into `layers` of the layer at spatial index `s` (the highest if `s` is beyond).
+    fn layer_at_spatial(&self, s: u8) -> Option<usize> {
+        let top = self.layers.len().checked_sub(1)? as u8;
+        let want = s.min(top);
+        self.spatial.iter().position(|&x| x == want)
     }
 }
 
@@ -125,6 +138,32 @@ struct DownTrack {
     out_pt: Option<u8>,
     forwarder: Forwarder,
     source_track: Option<TrackId>,
+    /// The VP8 descriptor values each recent output packet carried, so a retransmission carries
+    /// the same (indexed by output sequence number; allocated on the first VP8 packet).
+    vp8_history: Vec<Option<(u16, Vp8Rewrite)>>,
+}
+
+const VP8_HISTORY: usize = 512;
+
+impl DownTrack {
+    fn new(sender: RTCRtpSenderId, out_ssrc: u32, kind: MediaKind, codec: Codec, codec_params: RTCRtpCodec, forwarder: Forwarder, source_track: Option<TrackId>) -> Self {
+        Self { sender, out_ssrc, kind, codec, codec_params, out_pt: None, forwarder, source_track, vp8_history: Vec::new() }
+    }
+
+    fn remember_vp8(&mut self, ext_seq: u64, r: Vp8Rewrite) {
+        if self.vp8_history.is_empty() {
+            self.vp8_history = vec![None; VP8_HISTORY];
+        }
+        let seq = ext_seq as u16;
+        self.vp8_history[usize::from(seq) % VP8_HISTORY] = Some((seq, r));
+    }
+
+    fn vp8_sent(&self, seq: u16) -> Option<Vp8Rewrite> {
+        match self.vp8_history.get(usize::from(seq) % VP8_HISTORY)? {
+            Some((s, r)) if *s == seq => Some(*r),
+            _ => None,
+        }
+    }
 }
 
 struct Peer {
@@ -443,7 +482,7 @@ impl Engine {
             let dt_id = DownTrackId(self.new_id());
             let forwarder = Forwarder::new(kind, codec.clock_rate(), self.rng.random(), self.rng.random());
             let peer = self.peers.get_mut(&peer_id).ok_or(EngineError::UnknownParticipant)?;
-            peer.down.insert(dt_id, DownTrack { sender, out_ssrc: ssrc, kind, codec, codec_params: params, out_pt: None, forwarder, source_track: None });
+            peer.down.insert(dt_id, DownTrack::new(sender, ssrc, kind, codec, params, forwarder, None));
             peer.down_by_ssrc.insert(ssrc, dt_id);
         }
         if let Some(peer) = self.peers.get_mut(&peer_id) {
@@ -911,7 +950,6 @@ impl Engine {
                 Some((c, p)) => (Some(c), Some(p)),
                 None => (None, None),
             };
-            let cache = (kind == MediaKind::Video).then(|| PacketCache::new(self.cfg.packet_cache_size));
             self.tracks.insert(
                 id,
                 PublishedTrack {
@@ -925,12 +963,9 @@ impl Engine {
                     codec,
                     codec_params,
                     muted: false,
-                    ssrc: None,
-                    seq: SeqExtender::new(),
-                    ts: TsExtender::new(),
-                    cache,
+                    layers: Vec::new(),
+                    spatial: Vec::new(),
                     subscribers: Vec::new(),
-                    last_keyframe_request: None,
                 },
             );
             if let Some(peer) = self.peers.get_mut(&peer_id) {
@@ -975,7 +1010,7 @@ impl Engine {
             warn!(track = %track, "track has no forwardable codec; not subscribing");
             return;
         };
-        let (kind, owner, source) = (t.kind, t.owner, t.current_source());
+        let (kind, owner) = (t.kind, t.owner);
         let peer_id = match self.participants.get(&subscriber).and_then(|p| p.subscriber) {
             Some(p) => p,
             None => match self.create_peer(now, subscriber, PeerRole::Subscriber) {
@@ -994,7 +1029,6 @@ impl Engine {
         let ssrc = self.rng.random::<u32>();
         let dt_id = DownTrackId(self.new_id());
         let mut forwarder = Forwarder::new(kind, codec.clock_rate(), self.rng.random(), self.rng.random());
-        forwarder.set_source(source);
         let muted = self.tracks[&track].muted;
         forwarder.set_muted(muted);
         let rtc_kind = if kind == MediaKind::Audio { RtpCodecKind::Audio } else { RtpCodecKind::Video };
@@ -1008,7 +1042,7 @@ impl Engine {
             }
             None => return self.fail_peer(now, peer_id),
         };
-        peer.down.insert(dt_id, DownTrack { sender, out_ssrc: ssrc, kind, codec, codec_params: params, out_pt: None, forwarder, source_track: Some(track) });
+        peer.down.insert(dt_id, DownTrack::new(sender, ssrc, kind, codec, params, forwarder, Some(track)));
         peer.down_by_ssrc.insert(ssrc, dt_id);
         peer.negotiation_needed = true;
         self.to_negotiate.push(peer_id);
@@ -1044,10 +1078,10 @@ impl Engine {
                     tr.kind == kind && !bound.contains(t) && self.participants[&tr.owner].identity == target
                 });
                 let Some(track) = candidate else { continue };
-                let (source, muted) = (self.tracks[&track].current_source(), self.tracks[&track].muted);
+                let muted = self.tracks[&track].muted;
                 if let Some(d) = self.peers.get_mut(&peer_id).and_then(|p| p.down.get_mut(&dt_id)) {
                     d.source_track = Some(track);
-                    d.forwarder.set_source(source);
+                    d.forwarder.reset_source();
                     d.forwarder.set_muted(muted);
                 }
                 if let Some(t) = self.tracks.get_mut(&track) {
@@ -1074,7 +1108,7 @@ impl Engine {
                 // The slot stays negotiated; it waits for the next track of the identity.
                 if let Some(d) = peer.down.get_mut(&dt_id) {
                     d.source_track = None;
-                    d.forwarder.set_source(None);
+                    d.forwarder.reset_source();
                 }
                 rebinding = true;
                 continue;
@@ -1234,234 +1268,6 @@ impl Engine {
         let participant = peer.participant;
         self.mark_dirty(peer_id);
         self.emit(participant, ParticipantEvent::SubscriberOffer { sdp, tracks });
-    }
-
-    fn on_publisher_rtp(&mut self, now: Instant, peer_id: PeerId, rtc_track_id: &str, packet: rtp::Packet) {
-        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
-        let ssrc = packet.header.ssrc;
-        let track_id = match peer.ssrc_tracks.get(&ssrc) {
-            Some(t) => *t,
-            None => match peer.published.get(rtc_track_id) {
-                Some(&t) => {
-                    peer.ssrc_tracks.insert(ssrc, t);
-                    t
-                }
-                None => {
-                    self.metrics.dropped(DropReason::UnknownTrack).inc();
-                    return;
-                }
-            },
-        };
-        let Some(track) = self.tracks.get_mut(&track_id) else {
-            self.metrics.dropped(DropReason::UnknownTrack).inc();
-            return;
-        };
-        let codec = match track.codec {
-            Some(c) => c,
-            None => match peer.pt_codecs.get(&packet.header.payload_type) {
-                Some(&c) => c,
-                None => {
-                    self.metrics.dropped(DropReason::CodecUnsupported).inc();
-                    return;
-                }
-            },
-        };
-        match track.kind {
-            MediaKind::Audio => self.metrics.rtp_packets_in_audio.inc(),
-            MediaKind::Video => self.metrics.rtp_packets_in_video.inc(),
-        }
-        self.metrics.rtp_bytes_in.inc_by(packet.payload.len() as u64);
-        if track.ssrc != Some(ssrc) {
-            // A new source for this track (first packet, or the publisher restarted its sender).
-            track.ssrc = Some(ssrc);
-            track.seq.reset();
-            track.ts.reset();
-            if let Some(cache) = track.cache.as_mut() {
-                *cache = PacketCache::new(self.cfg.packet_cache_size);
-            }
-            let key = SourceKey { track: track_id.0, ssrc };
-            for (sp, dt) in &track.subscribers {
-                if let Some(d) = self.peers.get_mut(sp).and_then(|p| p.down.get_mut(dt)) {
-                    d.forwarder.set_source(Some(key));
-                }
-            }
-        }
-        let ext_seq = track.seq.extend(u64::from(packet.header.sequence_number));
-        let ext_ts = track.ts.extend(u64::from(packet.header.timestamp));
-        let info = inspect_payload(codec, &packet.payload);
-        let meta = PacketMeta {
-            source: SourceKey { track: track_id.0, ssrc },
-            ext_seq,
-            ext_ts,
-            marker: packet.header.marker,
-            keyframe_start: info.keyframe_start,
-            padding_only: packet.payload.is_empty(),
-        };
-        if let Some(cache) = track.cache.as_mut()
-            && !meta.padding_only
-        {
-            cache.insert(CachedPacket { ext_seq, ext_ts, marker: meta.marker, payload: packet.payload.clone() });
-        }
-        let mut wants_keyframe = false;
-        let kind = track.kind;
-        for &(sub_id, dt_id) in &track.subscribers {
-            let Some(sub) = self.peers.get_mut(&sub_id) else { continue };
-            let Some(dt) = sub.down.get_mut(&dt_id) else { continue };
-            let verdict = if sub.state != ConnectionState::Connected {
-                Verdict::Drop(DropReason::NotReady)
-            } else if dt.codec != codec {
-                Verdict::Drop(DropReason::CodecUnsupported)
-            } else {
-                match dt.out_pt {
-                    None => Verdict::Drop(DropReason::NotReady),
-                    Some(_) => dt.forwarder.on_packet(now, &meta),
-                }
-            };
-            match verdict {
-                Verdict::Forward { ext_seq, ext_ts, marker } => {
-                    let out = rtp::Packet {
-                        header: rtp::header::Header {
-                            version: 2,
-                            marker,
-                            payload_type: dt.out_pt.unwrap_or_default(),
-                            sequence_number: ext_seq as u16,
-                            timestamp: ext_ts as u32,
-                            ssrc: dt.out_ssrc,
-                            ..Default::default()
-                        },
-                        payload: packet.payload.clone(),
-                    };
-                    let written = guarded(&self.metrics, "write rtp", || {
-                        sub.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) })
-                    });
-                    match written {
-                        Some(Ok(())) => {
-                            match kind {
-                                MediaKind::Audio => self.metrics.rtp_packets_forwarded_audio.inc(),
-                                MediaKind::Video => self.metrics.rtp_packets_forwarded_video.inc(),
-                            }
-                            self.metrics.rtp_bytes_forwarded.inc_by(packet.payload.len() as u64);
-                            if !sub.dirty {
-                                sub.dirty = true;
-                                self.dirty.push(sub_id);
-                            }
-                        }
-                        _ => self.metrics.dropped(DropReason::WriteFailed).inc(),
-                    }
-                }
-                Verdict::Drop(reason) => {
-                    self.metrics.dropped(reason).inc();
-                    if reason == DropReason::WaitingForKeyframe {
-                        wants_keyframe = true;
-                    }
-                }
-            }
-        }
-        if wants_keyframe {
-            self.request_keyframe(now, track_id);
-        }
-    }
-
-    /// Asks a track's publisher for a keyframe, at most once per `keyframe_request_interval`.
-    fn request_keyframe(&mut self, now: Instant, track_id: TrackId) {
-        let Some(track) = self.tracks.get_mut(&track_id) else { return };
-        let (Some(ssrc), MediaKind::Video) = (track.ssrc, track.kind) else { return };
-        if let Some(last) = track.last_keyframe_request
-            && now.saturating_duration_since(last) < self.cfg.keyframe_request_interval
-        {
-            self.metrics.keyframe_requests_throttled.inc();
-            return;
-        }
-        track.last_keyframe_request = Some(now);
-        let (peer_id, receiver) = (track.peer, track.receiver);
-        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
-        let pli = PictureLossIndication { sender_ssrc: ENGINE_RTCP_SSRC, media_ssrc: ssrc };
-        let sent = guarded(&self.metrics, "write pli", || {
-            peer.pc.rtp_receiver(receiver).map(|mut r| r.write_rtcp(now, vec![Box::new(pli)]))
-        });
-        if let Some(Some(Ok(()))) = sent {
-            self.metrics.plis_sent.inc();
-            self.mark_dirty(peer_id);
-        }
-    }
-
-    /// RTCP from a peer: subscribers' NACKs are answered from the cache, their PLI/FIR go to the
-    /// publisher (throttled); reports are consumed by the stack's interceptors.
-    fn on_rtcp(&mut self, now: Instant, peer_id: PeerId, packets: Vec<Box<dyn rtc::rtcp::Packet>>) {
-        let Some(peer) = self.peers.get(&peer_id) else { return };
-        if peer.role == PeerRole::Publisher {
-            return;
-        }
-        let mut keyframes = Vec::new();
-        let mut nacks: Vec<(DownTrackId, Vec<u16>)> = Vec::new();
-        for p in &packets {
-            let any = p.as_any();
-            if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
-                if let Some(dt) = peer.down_by_ssrc.get(&nack.media_ssrc) {
-                    let seqs: Vec<u16> = nack.nacks.iter().flat_map(|n| n.packet_list()).collect();
-                    nacks.push((*dt, seqs));
-                }
-            } else if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
-                self.metrics.plis_received.inc();
-                if let Some(t) = peer.down_by_ssrc.get(&pli.media_ssrc).and_then(|dt| peer.down.get(dt)).and_then(|d| d.source_track) {
-                    keyframes.push(t);
-                }
-            } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
-                self.metrics.plis_received.inc();
-                for e in &fir.fir {
-                    if let Some(t) = peer.down_by_ssrc.get(&e.ssrc).and_then(|dt| peer.down.get(dt)).and_then(|d| d.source_track) {
-                        keyframes.push(t);
-                    }
-                }
-            }
-        }
-        for t in keyframes {
-            self.request_keyframe(now, t);
-        }
-        for (dt_id, seqs) in nacks {
-            self.answer_nack(now, peer_id, dt_id, &seqs);
-        }
-    }
-
-    fn answer_nack(&mut self, now: Instant, peer_id: PeerId, dt_id: DownTrackId, seqs: &[u16]) {
-        self.metrics.nacks_received.inc_by(seqs.len() as u64);
-        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
-        let Some(dt) = peer.down.get(&dt_id) else { return };
-        let (Some(track_id), Some(pt)) = (dt.source_track, dt.out_pt) else { return };
-        let Some(cache) = self.tracks.get(&track_id).and_then(|t| t.cache.as_ref()) else {
-            self.metrics.dropped(DropReason::NotInCache).inc_by(seqs.len() as u64);
-            return;
-        };
-        let mut sent = false;
-        for &seq in seqs {
-            let rtx = dt.forwarder.retransmission(seq, |_, in_seq| cache.get(in_seq).map(|p| p.ext_ts));
-            let Some(r) = rtx else {
-                self.metrics.dropped(DropReason::NotInCache).inc();
-                continue;
-            };
-            let Some(cached) = cache.get(r.in_ext_seq) else { continue };
-            let out = rtp::Packet {
-                header: rtp::header::Header {
-                    version: 2,
-                    marker: cached.marker,
-                    payload_type: pt,
-                    sequence_number: r.out_wire_seq,
-                    timestamp: r.out_ext_ts as u32,
-                    ssrc: dt.out_ssrc,
-                    ..Default::default()
-                },
-                payload: cached.payload.clone(),
-            };
-            if let Some(Ok(())) = guarded(&self.metrics, "write rtx", || {
-                peer.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) })
-            }) {
-                self.metrics.nack_retransmits.inc();
-                sent = true;
-            }
-        }
-        if sent {
-            self.mark_dirty(peer_id);
-        }
     }
 
     fn update_gauges(&self) {

@@ -1,0 +1,314 @@
+//! The engine's media path: RTP from publishers into layers and through every subscriber's
+//! forwarder, keyframe requests per layer, RTCP from subscribers (NACKs answered from the layer
+//! caches, PLI/FIR relayed) and from publishers (sender reports for timestamp alignment).
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
+use rtc::rtp;
+use rtc::sansio::Protocol;
+use warbler_media::{MediaKind, inspect_payload, keyframe_dimensions};
+
+use super::{DownTrackId, Engine, ENGINE_RTCP_SSRC, guarded};
+use crate::api::ConnectionState;
+use crate::forwarder::{DropReason, PacketMeta, Verdict, Vp8Fields};
+use crate::ids::{PeerId, PeerRole, TrackId};
+use crate::munger::SourceKey;
+use crate::packet_cache::CachedPacket;
+use crate::track::{Layer, SrTiming, ntp_to_secs};
+
+impl Engine {
+    pub(super) fn on_publisher_rtp(&mut self, now: Instant, peer_id: PeerId, rtc_track_id: &str, packet: rtp::Packet) {
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let ssrc = packet.header.ssrc;
+        let track_id = match peer.ssrc_tracks.get(&ssrc) {
+            Some(t) => *t,
+            None => match peer.published.get(rtc_track_id) {
+                Some(&t) => {
+                    peer.ssrc_tracks.insert(ssrc, t);
+                    t
+                }
+                None => {
+                    self.metrics.dropped(DropReason::UnknownTrack).inc();
+                    return;
+                }
+            },
+        };
+        let Some(track) = self.tracks.get_mut(&track_id) else {
+            self.metrics.dropped(DropReason::UnknownTrack).inc();
+            return;
+        };
+        let Some(codec) = track.codec.or_else(|| peer.pt_codecs.get(&packet.header.payload_type).copied()) else {
+            self.metrics.dropped(DropReason::CodecUnsupported).inc();
+            return;
+        };
+        match track.kind {
+            MediaKind::Audio => self.metrics.rtp_packets_in_audio.inc(),
+            MediaKind::Video => self.metrics.rtp_packets_in_video.inc(),
+        }
+        self.metrics.rtp_bytes_in.inc_by(packet.payload.len() as u64);
+
+        // The packet's layer: one per SSRC; a new SSRC is a new layer (simulcast) or a restarted
+        // sender, which the forwarders treat like any other source change.
+        let layer_idx = match track.layers.iter().position(|l| l.ssrc == ssrc) {
+            Some(i) => i,
+            None => {
+                let rid = peer.pc.rtp_receiver(track.receiver).and_then(|r| r.track().rid(ssrc).cloned());
+                // A restarted sender replaces the layer with the same rid (or the only layer).
+                let replaces = track.layers.iter().position(|l| l.rid.is_some() && l.rid == rid).or_else(|| (rid.is_none() && track.layers.len() == 1 && track.layers[0].rid.is_none()).then_some(0));
+                let layer = Layer::new(rid, ssrc, track.kind, self.cfg.packet_cache_size, now);
+                let i = match replaces {
+                    Some(i) => {
+                        track.layers[i] = layer;
+                        i
+                    }
+                    None => {
+                        track.layers.push(layer);
+                        track.layers.len() - 1
+                    }
+                };
+                track.reorder_layers(now);
+                i
+            }
+        };
+        let clock = codec.clock_rate();
+        let layer = &mut track.layers[layer_idx];
+        layer.last_packet_at = now;
+        layer.rate.add(now, packet.payload.len() + 12);
+        let ext_seq = layer.seq.extend(u64::from(packet.header.sequence_number));
+        let ext_ts = layer.ts.extend(u64::from(packet.header.timestamp));
+        let info = inspect_payload(codec, &packet.payload);
+        if info.temporal_layer > layer.max_temporal {
+            layer.max_temporal = info.temporal_layer.min(3);
+        }
+        let mut order_changed = false;
+        if info.keyframe_start {
+            layer.last_keyframe_at = Some(now);
+            if let Some(dims) = keyframe_dimensions(codec, &packet.payload)
+                && layer.dims != Some(dims)
+            {
+                layer.dims = Some(dims);
+                order_changed = true;
+            }
+        }
+        let capture = layer.capture_time(ext_ts, clock);
+        let padding_only = packet.payload.is_empty();
+        if let Some(cache) = layer.cache.as_mut()
+            && !padding_only
+        {
+            cache.insert(CachedPacket { ext_seq, ext_ts, marker: packet.header.marker, payload: packet.payload.clone() });
+        }
+        if order_changed {
+            track.reorder_layers(now);
+        }
+        let meta = PacketMeta {
+            source: SourceKey { track: track_id.0, ssrc },
+            spatial: track.spatial[layer_idx],
+            temporal: info.temporal_layer,
+            ext_seq,
+            ext_ts,
+            marker: packet.header.marker,
+            keyframe_start: info.keyframe_start,
+            frame_start: info.frame_start,
+            layer_sync: info.layer_sync,
+            padding_only,
+            capture,
+            vp8: info.picture_id.map(|picture_id| Vp8Fields {
+                picture_id,
+                picture_id_15bit: info.picture_id_15bit,
+                tl0_pic_idx: info.tl0_pic_idx,
+                key_idx: info.key_idx,
+            }),
+        };
+
+        let kind = track.kind;
+        let mut keyframe_layers: Vec<u8> = Vec::new();
+        for &(sub_id, dt_id) in &track.subscribers {
+            let Some(sub) = self.peers.get_mut(&sub_id) else { continue };
+            let Some(dt) = sub.down.get_mut(&dt_id) else { continue };
+            let verdict = if sub.state != ConnectionState::Connected || dt.out_pt.is_none() {
+                Verdict::Drop(DropReason::NotReady)
+            } else if dt.codec != codec {
+                Verdict::Drop(DropReason::CodecUnsupported)
+            } else {
+                dt.forwarder.on_packet(now, &meta)
+            };
+            if let Some(s) = dt.forwarder.keyframe_wanted()
+                && !keyframe_layers.contains(&s)
+            {
+                keyframe_layers.push(s);
+            }
+            match verdict {
+                Verdict::Forward { ext_seq, ext_ts, marker, vp8 } => {
+                    let payload = match vp8 {
+                        Some(r) => match warbler_media::vp8::rewrite_descriptor(&packet.payload, r) {
+                            Some(p) => Bytes::from(p),
+                            None => packet.payload.clone(),
+                        },
+                        None => packet.payload.clone(),
+                    };
+                    if let Some(r) = vp8 {
+                        dt.remember_vp8(ext_seq, r);
+                    }
+                    let out = rtp::Packet {
+                        header: rtp::header::Header {
+                            version: 2,
+                            marker,
+                            payload_type: dt.out_pt.unwrap_or_default(),
+                            sequence_number: ext_seq as u16,
+                            timestamp: ext_ts as u32,
+                            ssrc: dt.out_ssrc,
+                            ..Default::default()
+                        },
+                        payload,
+                    };
+                    let len = out.payload.len();
+                    let written = guarded(&self.metrics, "write rtp", || {
+                        sub.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) })
+                    });
+                    match written {
+                        Some(Ok(())) => {
+                            match kind {
+                                MediaKind::Audio => self.metrics.rtp_packets_forwarded_audio.inc(),
+                                MediaKind::Video => self.metrics.rtp_packets_forwarded_video.inc(),
+                            }
+                            self.metrics.rtp_bytes_forwarded.inc_by(len as u64);
+                            if !sub.dirty {
+                                sub.dirty = true;
+                                self.dirty.push(sub_id);
+                            }
+                        }
+                        _ => self.metrics.dropped(DropReason::WriteFailed).inc(),
+                    }
+                }
+                Verdict::Drop(reason) => self.metrics.dropped(reason).inc(),
+            }
+        }
+        for s in keyframe_layers {
+            self.request_keyframe(now, track_id, s);
+        }
+    }
+
+    /// Asks a track's publisher for a keyframe on the layer at spatial index `spatial`, at most
+    /// once per `keyframe_request_interval` per layer.
+    pub(super) fn request_keyframe(&mut self, now: Instant, track_id: TrackId, spatial: u8) {
+        let Some(track) = self.tracks.get_mut(&track_id) else { return };
+        if track.kind != MediaKind::Video {
+            return;
+        }
+        let Some(i) = track.layer_at_spatial(spatial) else { return };
+        let layer = &mut track.layers[i];
+        if let Some(last) = layer.last_keyframe_request
+            && now.saturating_duration_since(last) < self.cfg.keyframe_request_interval
+        {
+            self.metrics.keyframe_requests_throttled.inc();
+            return;
+        }
+        layer.last_keyframe_request = Some(now);
+        let (peer_id, receiver, ssrc) = (track.peer, track.receiver, layer.ssrc);
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let pli = PictureLossIndication { sender_ssrc: ENGINE_RTCP_SSRC, media_ssrc: ssrc };
+        let sent = guarded(&self.metrics, "write pli", || peer.pc.rtp_receiver(receiver).map(|mut r| r.write_rtcp(now, vec![Box::new(pli)])));
+        if let Some(Some(Ok(()))) = sent {
+            self.metrics.plis_sent.inc();
+            self.mark_dirty(peer_id);
+        }
+    }
+
+    /// RTCP for the engine: from subscribers, NACKs (answered from the cache) and PLI/FIR
+    /// (relayed, throttled); from publishers, sender reports (layer timing).
+    pub(super) fn on_rtcp(&mut self, now: Instant, peer_id: PeerId, packets: Vec<Box<dyn rtc::rtcp::Packet>>) {
+        let Some(peer) = self.peers.get(&peer_id) else { return };
+        if peer.role == PeerRole::Publisher {
+            for p in &packets {
+                if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                    self.on_sender_report(peer_id, sr);
+                }
+            }
+            return;
+        }
+        let mut keyframes: Vec<(TrackId, u8)> = Vec::new();
+        let mut nacks: Vec<(DownTrackId, Vec<u16>)> = Vec::new();
+        let keyframe_for = |ssrc: u32| -> Option<(TrackId, u8)> {
+            let d = peer.down.get(peer.down_by_ssrc.get(&ssrc)?)?;
+            Some((d.source_track?, d.forwarder.current_spatial().unwrap_or(0)))
+        };
+        for p in &packets {
+            let any = p.as_any();
+            if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                if let Some(dt) = peer.down_by_ssrc.get(&nack.media_ssrc) {
+                    let seqs: Vec<u16> = nack.nacks.iter().flat_map(|n| n.packet_list()).collect();
+                    nacks.push((*dt, seqs));
+                }
+            } else if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
+                self.metrics.plis_received.inc();
+                keyframes.extend(keyframe_for(pli.media_ssrc));
+            } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
+                self.metrics.plis_received.inc();
+                keyframes.extend(fir.fir.iter().filter_map(|e| keyframe_for(e.ssrc)));
+            }
+        }
+        for (t, s) in keyframes {
+            self.request_keyframe(now, t, s);
+        }
+        for (dt_id, seqs) in nacks {
+            self.answer_nack(now, peer_id, dt_id, &seqs);
+        }
+    }
+
+    fn on_sender_report(&mut self, peer_id: PeerId, sr: &SenderReport) {
+        let Some(peer) = self.peers.get(&peer_id) else { return };
+        let Some(track) = peer.ssrc_tracks.get(&sr.ssrc).and_then(|t| self.tracks.get_mut(t)) else { return };
+        if let Some(layer) = track.layers.iter_mut().find(|l| l.ssrc == sr.ssrc)
+            && let Some(rtp_ext) = layer.ts.peek(u64::from(sr.rtp_time))
+        {
+            layer.sr = Some(SrTiming { ntp_secs: ntp_to_secs(sr.ntp_time), rtp_ext });
+        }
+    }
+
+    fn answer_nack(&mut self, now: Instant, peer_id: PeerId, dt_id: DownTrackId, seqs: &[u16]) {
+        self.metrics.nacks_received.inc_by(seqs.len() as u64);
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let Some(dt) = peer.down.get(&dt_id) else { return };
+        let (Some(track_id), Some(pt)) = (dt.source_track, dt.out_pt) else { return };
+        let Some(track) = self.tracks.get(&track_id) else { return };
+        let cache_of = |src: SourceKey| track.layers.iter().find(|l| l.ssrc == src.ssrc).and_then(|l| l.cache.as_ref());
+        let mut sent = false;
+        for &seq in seqs {
+            let rtx = dt.forwarder.retransmission(seq, |src, in_seq| cache_of(src)?.get(in_seq).map(|p| p.ext_ts));
+            let Some(r) = rtx else {
+                self.metrics.dropped(DropReason::NotInCache).inc();
+                continue;
+            };
+            let Some(cached) = cache_of(r.source).and_then(|c| c.get(r.in_ext_seq)) else { continue };
+            let payload = match dt.vp8_sent(r.out_wire_seq) {
+                Some(rw) => warbler_media::vp8::rewrite_descriptor(&cached.payload, rw).map(Bytes::from).unwrap_or_else(|| cached.payload.clone()),
+                None => cached.payload.clone(),
+            };
+            let out = rtp::Packet {
+                header: rtp::header::Header {
+                    version: 2,
+                    marker: cached.marker,
+                    payload_type: pt,
+                    sequence_number: r.out_wire_seq,
+                    timestamp: r.out_ext_ts as u32,
+                    ssrc: dt.out_ssrc,
+                    ..Default::default()
+                },
+                payload,
+            };
+            if let Some(Ok(())) = guarded(&self.metrics, "write rtx", || peer.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) })) {
+                self.metrics.nack_retransmits.inc();
+                sent = true;
+            }
+        }
+        if sent {
+            self.mark_dirty(peer_id);
+        }
+    }
+}
