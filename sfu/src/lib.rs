@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bwe;
 pub mod demux;
 pub mod engine;
 pub mod forwarder;
