@@ -34,6 +34,8 @@ pub struct Config {
     /// Seconds to wait for rooms to empty on shutdown before everyone is removed.
     pub drain_timeout_secs: u64,
     pub limits: Limits,
+    #[serde(default)]
+    pub chat: crate::chat::ChatConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -75,6 +77,7 @@ impl Default for Config {
             log_level: "info".into(),
             drain_timeout_secs: 10,
             limits: Limits::default(),
+            chat: Default::default(),
         }
     }
 }
@@ -157,13 +160,14 @@ impl Config {
         if cfg.limits.max_participants_per_room == 0 {
             return Err("limits.max_participants_per_room must be at least 1".into());
         }
+        cfg.chat.validate()?;
         Ok(cfg)
     }
 }
 
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "rtc_port", "public_ip", "data_dir", "web_root", "api_key", "api_secret", "log_format", "log_level",
-    "drain_timeout_secs", "limits",
+    "drain_timeout_secs", "limits", "chat",
 ];
 
 fn one_or_many_ips<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {

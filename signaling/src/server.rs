@@ -22,7 +22,7 @@ use warbler_sfu::shell::{RtcNetConfig, spawn};
 use crate::auth::{KeyStore, unix_now};
 use crate::config::Config;
 use crate::state::{AppState, SignalingMetrics};
-use crate::{web, whip, ws};
+use crate::{chat, web, whip, ws};
 
 /// Frames above this close the socket outright; between the configured limit and this they get
 /// a `message_too_large` error and the session continues.
@@ -68,6 +68,8 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let net = RtcNetConfig { port: config.rtc_port, public_ips: config.public_ip.clone() };
     let (engine, engine_thread) = spawn(engine_cfg, net, engine_metrics)?;
     let metrics = SignalingMetrics::new(&registry)?;
+    let chat_transport = Arc::new(crate::chat::transport::EngineTransport(engine.clone()));
+    let chat = crate::chat::ChatService::open_sqlite(config.chat.clone(), &config.data_dir, chat_transport, &registry)?;
     let state = Arc::new(AppState {
         config: config.clone(),
         keys,
@@ -76,6 +78,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
         metrics,
         sessions: Default::default(),
         draining: Default::default(),
+        chat,
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let http_addr = listener.local_addr()?;
@@ -106,7 +109,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/whip/{room}", post(whip::whip_post).options(whip::options))
         .route("/whip/{room}/{session}", axum::routing::patch(whip::whip_patch).delete(whip::whip_delete).options(whip::options))
         .route("/whep/{room}/{identity}", post(whip::whep_post).options(whip::options))
-        .route("/whep/{room}/{identity}/{session}", axum::routing::patch(whip::whep_patch).delete(whip::whep_delete).options(whip::options));
+        .route("/whep/{room}/{identity}/{session}", axum::routing::patch(whip::whep_patch).delete(whip::whep_delete).options(whip::options))
+        .route("/api/rooms/{room}/messages", get(chat::rest::list).post(chat::rest::post).options(chat::rest::options))
+        .route("/api/rooms/{room}/messages/search", get(chat::rest::search).options(chat::rest::options));
     if state.keys.is_development() {
         r = r.route("/dev/token", get(dev_token));
     }

@@ -1,6 +1,7 @@
 //! What every request handler shares: configuration, keys, the engine handle, the HTTP session
 //! registry and the metrics.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use dashmap::DashMap;
@@ -8,6 +9,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use warbler_sfu::shell::EngineHandle;
 
 use crate::auth::KeyStore;
+use crate::chat::ChatService;
 use crate::config::Config;
 use crate::protocol::ErrorCode;
 use crate::whip::HttpSession;
@@ -20,6 +22,7 @@ pub struct AppState {
     pub metrics: SignalingMetrics,
     pub sessions: DashMap<String, HttpSession>,
     pub draining: AtomicBool,
+    pub chat: Arc<ChatService>,
 }
 
 #[derive(Clone)]

@@ -16,6 +16,8 @@ use warbler_sfu::engine::RemoteCandidate;
 use warbler_sfu::ids::{ParticipantId, PeerRole, RoomName};
 
 use crate::auth::{AccessToken, AuthError, unix_now, valid_room_name};
+use crate::chat::ChatLink;
+use crate::chat::service::Actor;
 use crate::state::AppState;
 
 /// A live WHIP or WHEP session, found by the id in its Location.
@@ -85,9 +87,13 @@ fn created(location: String, answer: String) -> Response {
 
 /// Keeps the session registry in step with the engine: when the engine removes the participant
 /// (timeout, failure, drain), its session id stops resolving.
-fn watch_session(state: Arc<AppState>, id: String, mut events: warbler_sfu::shell::EventReceiver) {
+/// Also carries the session's chat data channel, if it opens one.
+fn watch_session(state: Arc<AppState>, id: String, mut events: warbler_sfu::shell::EventReceiver, mut chat: ChatLink) {
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
+            if chat.on_event(&ev) {
+                continue;
+            }
             if let ParticipantEvent::Removed { reason } = ev {
                 info!(session = %id, reason = reason.as_str(), "HTTP session ended by the server");
                 break;
@@ -119,7 +125,7 @@ pub async fn whip_post(State(state): State<Arc<AppState>>, Path(room): Path<Stri
         Ok(answer) => {
             let sid = session_id();
             state.sessions.insert(sid.clone(), HttpSession { participant: id, room: room.clone(), role: PeerRole::Publisher });
-            watch_session(state.clone(), sid.clone(), events);
+            watch_session(state.clone(), sid.clone(), events, ChatLink::new(state.chat.clone(), Actor::from_token(&access, Some(id))));
             info!(room = %room, participant = %id, identity = %access.identity, "WHIP session created");
             created(format!("/whip/{room}/{sid}"), answer.sdp)
         }
@@ -159,7 +165,7 @@ pub async fn whep_post(State(state): State<Arc<AppState>>, Path((room, identity)
         Ok(answer) => {
             let sid = session_id();
             state.sessions.insert(sid.clone(), HttpSession { participant: id, room: room.clone(), role: PeerRole::Whep });
-            watch_session(state.clone(), sid.clone(), events);
+            watch_session(state.clone(), sid.clone(), events, ChatLink::new(state.chat.clone(), Actor::from_token(&access, Some(id))));
             info!(room = %room, participant = %id, target = %identity, "WHEP session created");
             created(format!("/whep/{room}/{identity}/{sid}"), answer)
         }

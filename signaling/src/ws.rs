@@ -17,6 +17,8 @@ use warbler_sfu::ids::{ParticipantId, PeerRole, RoomName, TrackId};
 use warbler_sfu::shell::EventReceiver;
 
 use crate::auth::unix_now;
+use crate::chat::ChatLink;
+use crate::chat::service::Actor;
 use crate::protocol::{self, ClientMessage, ErrorCode, PROTOCOL_VERSION, Target};
 use crate::state::AppState;
 
@@ -31,6 +33,7 @@ const MAX_VIOLATIONS: u32 = 200;
 struct Joined {
     id: ParticipantId,
     events: EventReceiver,
+    chat: ChatLink,
 }
 
 /// Why the session loop stopped.
@@ -122,6 +125,9 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>) {
                         break End::Removed;
                     }
                     Some(ev) => {
+                        if joined.as_mut().is_some_and(|j| j.chat.on_event(&ev)) {
+                            continue;
+                        }
                         if let Some(v) = protocol::event_json(&ev) {
                             send(&mut socket, v).await;
                         }
@@ -218,7 +224,8 @@ async fn handle_text(socket: &mut WebSocket, state: &Arc<AppState>, joined: &mut
                         "participants": j.others.iter().map(protocol::participant_json).collect::<Vec<_>>(),
                     });
                     send(socket, protocol::with_req(reply, req)).await;
-                    *joined = Some(Joined { id: j.participant.id, events });
+                    let chat = ChatLink::new(state.chat.clone(), Actor::from_token(&access, Some(j.participant.id)));
+                    *joined = Some(Joined { id: j.participant.id, events, chat });
                 }
                 Err(e) => {
                     send(socket, fail(ErrorCode::from_engine(&e), e.to_string())).await;
