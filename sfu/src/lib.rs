@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod allocator;
 pub mod api;
 pub mod bwe;
 pub mod demux;
