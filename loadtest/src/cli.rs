@@ -207,7 +207,7 @@ struct CapacityArgs {
 
 pub fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOADTEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOADTEST_LOG").unwrap_or_else(|_| "warn,rtc_dtls=error,rtc=error,rtc_ice=error".into()))
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();

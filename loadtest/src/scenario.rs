@@ -219,6 +219,8 @@ pub struct RunResult {
     pub chat_sent: u64,
     pub chat_received: u64,
     pub ambiguous_payloads: usize,
+    /// SRTP protection profiles the connections negotiated.
+    pub srtp_ciphers: BTreeMap<String, usize>,
     pub unmatched_packets: u64,
     /// The server's own count of forwarded RTP packets (Warbler `/metrics`), when available.
     pub server_forwarded_packets: Option<f64>,
@@ -520,6 +522,7 @@ pub async fn run(sc: &Scenario, target: &Target, lib: Arc<Library>, tag: &str, j
         chat_sent: snap.chat_sent,
         chat_received: snap.chat_received,
         ambiguous_payloads: lib.ambiguous,
+        srtp_ciphers: snap.srtp_ciphers.clone(),
         unmatched_packets: tracks.iter().map(|t| t.unmatched).sum(),
         server_forwarded_packets: server_forwarded,
         metrics_delta,

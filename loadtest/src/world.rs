@@ -220,6 +220,8 @@ pub struct Snapshot {
     pub chat_sent: u64,
     pub chat_received: u64,
     pub socket_errors: u64,
+    /// SRTP protection profile negotiated → connections.
+    pub srtp_ciphers: std::collections::BTreeMap<String, usize>,
 }
 
 /// The media thread's state. See the module documentation.
@@ -648,6 +650,11 @@ impl World {
                 let now = Instant::now();
                 match s {
                     RTCPeerConnectionState::Connected => {
+                        if peer.connected_at.is_none() {
+                            let report = peer.pc.get_stats(now, rtc::statistics::StatsSelector::None);
+                            let cipher = report.transport().map(|t| t.srtp_cipher.clone()).unwrap_or_default();
+                            *self.counters.srtp_ciphers.entry(cipher).or_default() += 1;
+                        }
                         peer.connected_at.get_or_insert(now);
                         if let Role::Publisher { tracks, .. } = &mut peer.role {
                             for (i, t) in tracks.iter_mut().enumerate() {
@@ -873,7 +880,7 @@ impl World {
         self.totals_jitter.reset();
         self.interval_latency.reset();
         self.finished.clear();
-        self.counters = Snapshot { failed_peers: self.counters.failed_peers, ..Snapshot::default() };
+        self.counters = Snapshot { failed_peers: self.counters.failed_peers, srtp_ciphers: std::mem::take(&mut self.counters.srtp_ciphers), ..Snapshot::default() };
         for p in self.peers.values_mut() {
             if let Role::Subscriber { streams, .. } = &mut p.role {
                 for t in streams.values_mut() {
