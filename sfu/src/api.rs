@@ -167,6 +167,11 @@ pub enum ParticipantEvent {
     ConnectionState { role: PeerRole, state: ConnectionState },
     /// The engine removed this participant (timeout, failure, drain); signaling closes its side.
     Removed { reason: LeaveReason },
+    /// The allocator stopped sending this track to the participant, and why.
+    TrackPaused { track: TrackId, reason: crate::allocator::PauseReason },
+    TrackResumed { track: TrackId },
+    /// To a publisher: which simulcast layers (by rid) to send; the others nobody needs.
+    LayerActivity { track: TrackId, layers: Vec<(String, bool)> },
     /// A data channel the client opened (on any of its connections) is ready.
     DataChannelOpen { label: String },
     DataChannelClosed { label: String },

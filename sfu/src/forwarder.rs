@@ -364,6 +364,11 @@ impl Forwarder {
         }
     }
 
+    /// The highest output sequence number sent so far.
+    pub fn last_out_seq(&self) -> u64 {
+        self.munger.last_out_seq()
+    }
+
     /// Output (seq, ts) for a probe padding packet inserted now, if a stream is flowing.
     pub fn insert_padding(&mut self) -> Option<(u64, u64)> {
         self.current?;

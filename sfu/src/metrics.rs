@@ -3,7 +3,7 @@
 //! Counters are atomics updated by the engine thread only; label values are resolved once here so
 //! the per-packet path never hashes a label.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::forwarder::DropReason;
 
@@ -37,6 +37,10 @@ pub struct Metrics {
     pub data_messages_in: IntCounter,
     pub data_messages_out: IntCounter,
     pub data_messages_dropped: IntCounter,
+    pub probes: IntCounter,
+    pub probe_packets: IntCounter,
+    pub layer_activity_changes: IntCounter,
+    estimate: GaugeVec,
 }
 
 impl Metrics {
@@ -96,7 +100,23 @@ impl Metrics {
             data_messages_in: counter(registry, "warbler_data_messages_in_total", "Data channel messages received from clients")?,
             data_messages_out: counter(registry, "warbler_data_messages_out_total", "Data channel messages sent to clients")?,
             data_messages_dropped: counter(registry, "warbler_data_messages_dropped_total", "Data channel messages not delivered (oversized, unknown channel, slow reader)")?,
+            probes: counter(registry, "warbler_bwe_probes_total", "Bandwidth probe clusters started towards subscribers")?,
+            probe_packets: counter(registry, "warbler_bwe_probe_packets_total", "Packets sent as bandwidth probes")?,
+            layer_activity_changes: counter(registry, "warbler_layer_activity_changes_total", "Times publishers were told to pause or resume simulcast layers")?,
+            estimate: {
+                let g = GaugeVec::new(Opts::new("warbler_subscriber_estimate_bps", "Estimated downlink bandwidth per subscriber"), &["participant"])?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
         })
+    }
+
+    pub fn set_estimate(&self, participant: &str, bps: f64) {
+        self.estimate.with_label_values(&[participant]).set(bps);
+    }
+
+    pub fn forget_participant(&self, participant: &str) {
+        let _ = self.estimate.remove_label_values(&[participant]);
     }
 
     /// A private registry (tests, tools).

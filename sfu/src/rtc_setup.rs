@@ -14,7 +14,10 @@ use rtc::interceptor::{
 };
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::sansio::Protocol;
 use rtc::peer_connection::certificate::RTCCertificate;
@@ -34,6 +37,7 @@ pub const URI_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 pub const URI_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 pub const URI_REPAIRED_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id";
 pub const URI_TRANSPORT_CC: &str = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+pub const URI_ABS_SEND_TIME: &str = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time";
 
 fn feedback(typ: &str, parameter: &str) -> RTCPFeedback {
     RTCPFeedback { typ: typ.to_owned(), parameter: parameter.to_owned() }
@@ -79,19 +83,27 @@ fn media_engine(role: PeerRole, video_codecs: &[Codec]) -> Result<MediaEngine, E
     let internal = |e: rtc::shared::error::Error| EngineError::Internal(format!("media engine: {e}"));
     let upstream = role == PeerRole::Publisher;
     let mut me = MediaEngine::default();
-    for p in codec_parameters(Codec::Opus, upstream) {
+    // Transport-wide CC both ways: upstream so publishers' congestion control gets feedback,
+    // downstream so the engine estimates each subscriber's bandwidth.
+    for p in codec_parameters(Codec::Opus, true) {
         me.register_codec(p, RtpCodecKind::Audio).map_err(internal)?;
     }
     for &c in video_codecs {
-        for p in codec_parameters(c, upstream) {
+        for p in codec_parameters(c, true) {
             me.register_codec(p, RtpCodecKind::Video).map_err(internal)?;
         }
     }
+    let mut ext = |uri: &str, kind| me.register_header_extension(RTCRtpHeaderExtensionCapability { uri: uri.to_owned() }, kind, None).map_err(internal);
+    if !upstream {
+        // Stamped by the engine on every packet to a subscriber: transport-cc for subscribers that
+        // report per packet (browsers), abs-send-time for those that estimate themselves and send
+        // REMB (aiortc, older stacks).
+        ext(URI_TRANSPORT_CC, RtpCodecKind::Audio)?;
+        ext(URI_TRANSPORT_CC, RtpCodecKind::Video)?;
+        ext(URI_ABS_SEND_TIME, RtpCodecKind::Audio)?;
+        ext(URI_ABS_SEND_TIME, RtpCodecKind::Video)?;
+    }
     if upstream {
-        let mut ext = |uri: &str, kind| {
-            me.register_header_extension(RTCRtpHeaderExtensionCapability { uri: uri.to_owned() }, kind, None)
-                .map_err(internal)
-        };
         ext(URI_MID, RtpCodecKind::Audio)?;
         ext(URI_MID, RtpCodecKind::Video)?;
         ext(URI_AUDIO_LEVEL, RtpCodecKind::Audio)?;
@@ -106,18 +118,30 @@ fn media_engine(role: PeerRole, video_codecs: &[Codec]) -> Result<MediaEngine, E
 /// Where [`RtcpToEngine`] sits: application-most, after every interceptor that reads RTCP.
 const SLOT_RTCP_TO_ENGINE: usize = 20_000;
 
-/// Hands the RTCP the engine acts on (NACK, PLI, FIR from subscribers; sender reports from
-/// publishers) past the end of the interceptor chain, which otherwise stops all inbound RTCP.
-/// Everything else (receiver reports, transport feedback) stays with the interceptors.
+/// Hands the RTCP the engine acts on (NACK, PLI, FIR, transport-wide feedback, REMB and receiver
+/// reports from subscribers; sender reports from publishers) past the end of the interceptor
+/// chain, which otherwise stops all inbound RTCP.
+///
+/// The stack routes a delivered compound packet by the destination SSRC of its first packet and
+/// drops it if that SSRC is not one of the connection's; a packet about one of our own streams is
+/// therefore moved to the front.
 #[derive(Default)]
 pub struct RtcpToEngine {
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
+    local_ssrcs: Vec<u32>,
+    remote_ssrcs: Vec<u32>,
 }
 
 fn engine_wants(p: &dyn rtc::rtcp::Packet) -> bool {
     let any = p.as_any();
-    any.is::<TransportLayerNack>() || any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() || any.is::<SenderReport>()
+    any.is::<TransportLayerNack>()
+        || any.is::<PictureLossIndication>()
+        || any.is::<FullIntraRequest>()
+        || any.is::<SenderReport>()
+        || any.is::<TransportLayerCc>()
+        || any.is::<ReceiverEstimatedMaximumBitrate>()
+        || any.is::<ReceiverReport>()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToEngine {
@@ -128,11 +152,17 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToEngine {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
-        if let Packet::Rtcp(packets) = &mut msg.message.packet {
-            if packets.iter().any(|p| engine_wants(p.as_ref())) {
-                packets.retain(|p| engine_wants(p.as_ref()));
-                msg.message.add(Attribute::DeliverToApplication);
+        if let Packet::Rtcp(packets) = &mut msg.message.packet
+            && packets.iter().any(|p| engine_wants(p.as_ref()))
+        {
+            packets.retain(|p| engine_wants(p.as_ref()));
+            let known = |p: &Box<dyn rtc::rtcp::Packet>| {
+                p.destination_ssrc().iter().any(|s| self.local_ssrcs.contains(s) || self.remote_ssrcs.contains(s))
+            };
+            if let Some(i) = packets.iter().position(known) {
+                packets.swap(0, i);
             }
+            msg.message.add(Attribute::DeliverToApplication);
         }
         self.reads.push_back(msg);
         Ok(())
@@ -153,10 +183,18 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToEngine {
 }
 
 impl Interceptor for RtcpToEngine {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.local_ssrcs.push(info.ssrc);
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.local_ssrcs.retain(|s| *s != info.ssrc);
+    }
+    fn bind_remote_stream(&mut self, info: &StreamInfo) {
+        self.remote_ssrcs.push(info.ssrc);
+    }
+    fn unbind_remote_stream(&mut self, info: &StreamInfo) {
+        self.remote_ssrcs.retain(|s| *s != info.ssrc);
+    }
 }
 
 fn interceptors(role: PeerRole) -> Registry {

@@ -125,6 +125,10 @@ impl EngineHandle {
         self.call(move |core, _| core.engine.room_participant_ids(&room)).await
     }
 
+    pub async fn set_track_settings(&self, id: ParticipantId, track: TrackId, settings: crate::engine::TrackSettings) -> Result<(), EngineError> {
+        self.call(move |core, now| core.engine.set_track_settings(now, id, track, settings)).await?
+    }
+
     pub async fn room_participants(&self, room: RoomName) -> Result<Vec<ParticipantInfo>, EngineError> {
         self.call(move |core, _| core.engine.room_participants(&room)).await
     }

@@ -81,6 +81,11 @@ pub struct Layer {
     pub max_temporal: u8,
     pub last_keyframe_request: Option<Instant>,
     pub last_keyframe_at: Option<Instant>,
+    /// Bitrate last measured while the layer was flowing (kept while it is paused).
+    pub known_bps: u64,
+    /// The engine told the publisher to stop sending this layer.
+    pub paused_by_us: bool,
+    pub last_needed_at: Instant,
 }
 
 /// A layer not heard from for this long is inactive (paused by the publisher or its uplink).
@@ -102,6 +107,9 @@ impl Layer {
             max_temporal: 0,
             last_keyframe_request: None,
             last_keyframe_at: None,
+            known_bps: 0,
+            paused_by_us: false,
+            last_needed_at: now,
         }
     }
 

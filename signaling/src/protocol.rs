@@ -30,11 +30,27 @@ pub enum ClientMessage {
         track: String,
         muted: bool,
     },
+    /// How the subscriber shows a track (adaptive stream).
+    TrackSettings {
+        track: String,
+        #[serde(default)]
+        width: Option<u32>,
+        #[serde(default)]
+        height: Option<u32>,
+        #[serde(default = "default_true")]
+        visible: bool,
+        #[serde(default)]
+        pinned: bool,
+    },
     Leave,
     Ping {
         #[serde(default)]
         id: Option<Value>,
     },
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize, PartialEq)]
@@ -205,6 +221,12 @@ pub fn event_json(ev: &ParticipantEvent) -> Option<Value> {
             json!({ "type": "connection_state", "target": target, "state": state.as_str() })
         }
         ParticipantEvent::Removed { reason } => json!({ "type": "leave", "reason": reason.as_str() }),
+        ParticipantEvent::TrackPaused { track, reason } => json!({ "type": "track_paused", "track": track.to_string(), "reason": reason.as_str() }),
+        ParticipantEvent::TrackResumed { track } => json!({ "type": "track_resumed", "track": track.to_string() }),
+        ParticipantEvent::LayerActivity { track, layers } => {
+            let map: serde_json::Map<String, Value> = layers.iter().map(|(rid, on)| (rid.clone(), json!(on))).collect();
+            json!({ "type": "layers", "track": track.to_string(), "active": map })
+        }
         ParticipantEvent::DataChannelOpen { .. } | ParticipantEvent::DataChannelClosed { .. } | ParticipantEvent::DataMessage { .. } => return None,
     })
 }

@@ -285,6 +285,21 @@ async fn handle_text(socket: &mut WebSocket, state: &Arc<AppState>, joined: &mut
                 send(socket, fail(ErrorCode::from_engine(&e), e.to_string())).await;
             }
         }
+        (ClientMessage::TrackSettings { track, width, height, visible, pinned }, Some(j)) => {
+            let Some(track) = TrackId::parse(&track) else {
+                send(socket, fail(ErrorCode::NotFound, format!("no track {track:?}"))).await;
+                return Flow::Continue;
+            };
+            let dim = |v: Option<u32>| v.map(|x| x.min(16_384) as u16);
+            let display = match (dim(width), dim(height)) {
+                (Some(w), Some(h)) if w > 0 && h > 0 => Some((w, h)),
+                _ => None,
+            };
+            let settings = warbler_sfu::engine::TrackSettings { display, visible, pinned };
+            if let Err(e) = state.engine.set_track_settings(j.id, track, settings).await {
+                send(socket, fail(ErrorCode::from_engine(&e), e.to_string())).await;
+            }
+        }
         (ClientMessage::Mute { track, muted }, Some(j)) => {
             let Some(track) = TrackId::parse(&track) else {
                 send(socket, fail(ErrorCode::NotFound, format!("no track {track:?}"))).await;

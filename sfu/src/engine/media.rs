@@ -5,13 +5,11 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
-use rtc::sansio::Protocol;
 use warbler_media::{MediaKind, inspect_payload, keyframe_dimensions};
 
 use super::{DownTrackId, Engine, ENGINE_RTCP_SSRC, guarded};
@@ -168,11 +166,8 @@ impl Engine {
                         payload,
                     };
                     let len = out.payload.len();
-                    let written = guarded(&self.metrics, "write rtp", || {
-                        sub.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) })
-                    });
-                    match written {
-                        Some(Ok(())) => {
+                    match sub.send_rtp(now, &self.metrics, out) {
+                        true => {
                             match kind {
                                 MediaKind::Audio => self.metrics.rtp_packets_forwarded_audio.inc(),
                                 MediaKind::Video => self.metrics.rtp_packets_forwarded_video.inc(),
@@ -183,7 +178,7 @@ impl Engine {
                                 self.dirty.push(sub_id);
                             }
                         }
-                        _ => self.metrics.dropped(DropReason::WriteFailed).inc(),
+                        false => self.metrics.dropped(DropReason::WriteFailed).inc(),
                     }
                 }
                 Verdict::Drop(reason) => self.metrics.dropped(reason).inc(),
@@ -232,6 +227,8 @@ impl Engine {
             }
             return;
         }
+        self.on_subscriber_feedback(now, peer_id, &packets);
+        let Some(peer) = self.peers.get(&peer_id) else { return };
         let mut keyframes: Vec<(TrackId, u8)> = Vec::new();
         let mut nacks: Vec<(DownTrackId, Vec<u16>)> = Vec::new();
         let keyframe_for = |ssrc: u32| -> Option<(TrackId, u8)> {
@@ -278,7 +275,7 @@ impl Engine {
         let (Some(track_id), Some(pt)) = (dt.source_track, dt.out_pt) else { return };
         let Some(track) = self.tracks.get(&track_id) else { return };
         let cache_of = |src: SourceKey| track.layers.iter().find(|l| l.ssrc == src.ssrc).and_then(|l| l.cache.as_ref());
-        let mut sent = false;
+        let mut outs = Vec::new();
         for &seq in seqs {
             let rtx = dt.forwarder.retransmission(seq, |src, in_seq| cache_of(src)?.get(in_seq).map(|p| p.ext_ts));
             let Some(r) = rtx else {
@@ -302,7 +299,11 @@ impl Engine {
                 },
                 payload,
             };
-            if let Some(Ok(())) = guarded(&self.metrics, "write rtx", || peer.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), out) })) {
+            outs.push(out);
+        }
+        let mut sent = false;
+        for out in outs {
+            if peer.send_rtp(now, &self.metrics, out) {
                 self.metrics.nack_retransmits.inc();
                 sent = true;
             }

@@ -32,7 +32,10 @@ use tracing::{debug, info, warn};
 use warbler_media::vp8::Vp8Rewrite;
 use warbler_media::{Codec, MediaKind};
 
+mod congestion;
 mod media;
+
+pub use congestion::TrackSettings;
 
 use crate::api::*;
 use crate::demux::{DatagramKind, Demux, classify};
@@ -138,6 +141,10 @@ struct DownTrack {
     out_pt: Option<u8>,
     forwarder: Forwarder,
     source_track: Option<TrackId>,
+    /// How the subscriber shows it (size, visibility, pin).
+    settings: TrackSettings,
+    /// Why the allocator paused it, as last told to the subscriber.
+    pause: Option<crate::allocator::PauseReason>,
     /// The VP8 descriptor values each recent output packet carried, so a retransmission carries
     /// the same (indexed by output sequence number; allocated on the first VP8 packet).
     vp8_history: Vec<Option<(u16, Vp8Rewrite)>>,
@@ -147,7 +154,7 @@ const VP8_HISTORY: usize = 512;
 
 impl DownTrack {
     fn new(sender: RTCRtpSenderId, out_ssrc: u32, kind: MediaKind, codec: Codec, codec_params: RTCRtpCodec, forwarder: Forwarder, source_track: Option<TrackId>) -> Self {
-        Self { sender, out_ssrc, kind, codec, codec_params, out_pt: None, forwarder, source_track, vp8_history: Vec::new() }
+        Self { sender, out_ssrc, kind, codec, codec_params, out_pt: None, forwarder, source_track, settings: TrackSettings::default(), pause: None, vp8_history: Vec::new() }
     }
 
     fn remember_vp8(&mut self, ext_seq: u64, r: Vp8Rewrite) {
@@ -188,6 +195,8 @@ struct Peer {
     negotiation_needed: bool,
     /// Open data channels: label → id (the client opens them; a label is unique per peer).
     data_channels: HashMap<String, rtc::data_channel::RTCDataChannelId>,
+    /// Bandwidth estimation and allocation (subscriber and WHEP connections).
+    cc: Option<congestion::SubscriberCc>,
 }
 
 /// The media engine. See the module documentation.
@@ -208,6 +217,8 @@ pub struct Engine {
     outputs: VecDeque<Output>,
     metrics: Metrics,
     next_housekeeping: Instant,
+    next_media_tick: Instant,
+    next_allocation: Instant,
     draining: bool,
 }
 
@@ -245,6 +256,8 @@ impl Engine {
             outputs: VecDeque::new(),
             metrics,
             next_housekeeping: now + HOUSEKEEPING_INTERVAL,
+            next_media_tick: now + congestion::ALLOCATION_INTERVAL,
+            next_allocation: now + congestion::ALLOCATION_INTERVAL,
             draining: false,
         })
     }
@@ -396,6 +409,7 @@ impl Engine {
             .map_err(|e| EngineError::BadSdp(e.to_string()))?;
         peer.offer_in_flight = false;
         refresh_payload_types(peer);
+        peer.refresh_extension_ids();
         if peer.negotiation_needed {
             self.to_negotiate.push(peer_id);
         }
@@ -487,6 +501,7 @@ impl Engine {
         }
         if let Some(peer) = self.peers.get_mut(&peer_id) {
             refresh_payload_types(peer);
+            peer.refresh_extension_ids();
         }
         self.bind_whep_slots(&room);
         self.process_peer(now, peer_id);
@@ -639,14 +654,18 @@ impl Engine {
             self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
             self.housekeeping(now);
         }
+        if now >= self.next_media_tick {
+            self.media_tick(now);
+        }
         self.flush(now);
     }
 
     /// The next instant `handle_timeout` must be called at.
     pub fn poll_timeout(&self) -> Instant {
+        let own = self.next_housekeeping.min(self.next_media_tick);
         match self.deadlines.first() {
-            Some(&(at, _)) if at < self.next_housekeeping => at,
-            _ => self.next_housekeeping,
+            Some(&(at, _)) if at < own => at,
+            _ => own,
         }
     }
 
@@ -710,6 +729,7 @@ impl Engine {
                 offer_in_flight: false,
                 negotiation_needed: false,
                 data_channels: HashMap::new(),
+                cc: congestion::is_subscriber_role(role).then(|| congestion::SubscriberCc::new(now)),
             },
         );
         self.update_gauges();

@@ -1,0 +1,397 @@
+//! Per-subscriber congestion control in the engine: stamping outgoing packets (transport-wide
+//! sequence number, abs-send-time), feeding the bandwidth estimator from the subscriber's
+//! feedback, running the allocator on a tick and applying its targets to the forwarders, probing
+//! with duplicate packets when a higher layer might fit, telling subscribers why a track is
+//! paused, and telling publishers which simulcast layers nobody needs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
+use rtc::rtp;
+use rtc::sansio::Protocol;
+use warbler_media::MediaKind;
+
+use super::{DownTrackId, Engine, Peer, guarded};
+use crate::allocator::{LayerOption, Priority, VideoDemand, allocate};
+use crate::api::{ParticipantEvent, TrackSource};
+use crate::bwe::{Estimator, Mode, ProbeOutcome};
+use crate::forwarder::Target;
+use crate::ids::{PeerId, PeerRole, TrackId};
+use crate::metrics::Metrics;
+
+/// How often allocations are recomputed.
+pub(super) const ALLOCATION_INTERVAL: Duration = Duration::from_millis(200);
+/// Tick while a probe is being paced out.
+pub(super) const PROBE_TICK: Duration = Duration::from_millis(10);
+/// Wait between probes: after a success, after a failure.
+const PROBE_AFTER_SUCCESS: Duration = Duration::from_millis(800);
+const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(3000);
+/// A layer nobody needed for this long is paused at the publisher.
+const LAYER_UNNEEDED_GRACE: Duration = Duration::from_secs(5);
+
+/// What a subscriber said about how it shows one track.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrackSettings {
+    /// Displayed size in CSS pixels × device pixel ratio; `None`: unknown.
+    pub display: Option<(u16, u16)>,
+    pub visible: bool,
+    pub pinned: bool,
+}
+
+impl Default for TrackSettings {
+    fn default() -> Self {
+        Self { display: None, visible: true, pinned: false }
+    }
+}
+
+/// Congestion-control state of one subscriber connection.
+pub(super) struct SubscriberCc {
+    pub bwe: Estimator,
+    pub twcc_ext: Option<u8>,
+    pub abs_send_time_ext: Option<u8>,
+    epoch: Instant,
+    next_probe_at: Instant,
+    /// Down track whose recent packets are resent as probe padding, and the next offset back.
+    probe_cursor: u16,
+    pub media_bps: crate::track::RateMeter,
+}
+
+impl SubscriberCc {
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            bwe: Estimator::default(),
+            twcc_ext: None,
+            abs_send_time_ext: None,
+            epoch: now,
+            next_probe_at: now + Duration::from_secs(1),
+            probe_cursor: 0,
+            media_bps: Default::default(),
+        }
+    }
+
+    /// Adds this connection's header extensions to `header` and records the packet.
+    fn stamp(&mut self, now: Instant, header: &mut rtp::header::Header, size: usize) {
+        let mut exts = Vec::with_capacity(2);
+        if let Some(id) = self.twcc_ext {
+            let seq = self.bwe.on_sent(now, header.ssrc, header.sequence_number, size);
+            exts.push(rtp::header::Extension { id, payload: Bytes::copy_from_slice(&seq.to_be_bytes()) });
+        }
+        if let Some(id) = self.abs_send_time_ext {
+            // 6.18 fixed-point seconds; any consistent clock will do for the receiver's deltas.
+            let t = now.saturating_duration_since(self.epoch).as_secs_f64();
+            let v = ((t * f64::from(1u32 << 18)) as u64 & 0x00ff_ffff) as u32;
+            exts.push(rtp::header::Extension { id, payload: Bytes::copy_from_slice(&v.to_be_bytes()[1..]) });
+        }
+        if !exts.is_empty() {
+            header.extension = true;
+            header.extension_profile = 0xBEDE;
+            header.extensions = exts;
+        }
+        self.media_bps.add(now, size);
+    }
+}
+
+impl Peer {
+    /// Writes an RTP packet to this subscriber connection, with its congestion-control header
+    /// extensions. Returns whether the stack took it.
+    pub(super) fn send_rtp(&mut self, now: Instant, metrics: &Metrics, mut packet: rtp::Packet) -> bool {
+        if let Some(cc) = self.cc.as_mut() {
+            let size = packet.payload.len() + 12;
+            cc.stamp(now, &mut packet.header, size);
+        }
+        let written = guarded(metrics, "write rtp", || self.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), packet) }));
+        matches!(written, Some(Ok(())))
+    }
+
+    /// Learns the header extension ids the subscriber accepted.
+    pub(super) fn refresh_extension_ids(&mut self) {
+        let Some(cc) = self.cc.as_mut() else { return };
+        let sender = self.down.values().next().map(|d| d.sender);
+        let Some(params) = sender.and_then(|s| self.pc.rtp_sender(s)).map(|mut s| s.get_parameters().rtp_parameters.header_extensions.clone()) else { return };
+        cc.twcc_ext = params.iter().find(|e| e.uri == crate::rtc_setup::URI_TRANSPORT_CC).map(|e| e.id as u8);
+        cc.abs_send_time_ext = params.iter().find(|e| e.uri == crate::rtc_setup::URI_ABS_SEND_TIME).map(|e| e.id as u8);
+    }
+}
+
+impl Engine {
+    /// Transport-wide feedback, REMB and receiver reports from a subscriber.
+    pub(super) fn on_subscriber_feedback(&mut self, now: Instant, peer_id: PeerId, packets: &[Box<dyn rtc::rtcp::Packet>]) {
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let own: Vec<u32> = peer.down.values().map(|d| d.out_ssrc).collect();
+        let Some(cc) = peer.cc.as_mut() else { return };
+        for p in packets {
+            let any = p.as_any();
+            if let Some(fb) = any.downcast_ref::<TransportLayerCc>() {
+                cc.bwe.on_twcc(now, fb);
+            } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                cc.bwe.on_remb(now, f64::from(remb.bitrate));
+            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                // The worst loss among our streams (video dominates the bandwidth).
+                if let Some(loss) = rr.reports.iter().filter(|r| own.contains(&r.ssrc)).map(|r| r.fraction_lost).max() {
+                    cc.bwe.on_receiver_report(now, loss);
+                }
+            }
+        }
+    }
+
+    /// The media tick: allocation for every subscriber connection, probes, layer activity.
+    pub(super) fn media_tick(&mut self, now: Instant) {
+        let mut probing = false;
+        let subscriber_peers: Vec<PeerId> = self.peers.values().filter(|p| p.cc.is_some()).map(|p| p.id).collect();
+        let allocate_now = now >= self.next_allocation;
+        if allocate_now {
+            self.next_allocation = now + ALLOCATION_INTERVAL;
+        }
+        for peer_id in subscriber_peers {
+            if allocate_now {
+                self.allocate_peer(now, peer_id);
+            }
+            probing |= self.pace_probe(now, peer_id);
+        }
+        if allocate_now {
+            self.update_layer_activity(now);
+        }
+        self.next_media_tick = now + if probing { PROBE_TICK } else { ALLOCATION_INTERVAL };
+    }
+
+    fn allocate_peer(&mut self, now: Instant, peer_id: PeerId) {
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return };
+        let participant = peer.participant;
+        let Some(cc) = peer.cc.as_mut() else { return };
+        cc.bwe.on_tick(now);
+        let outcome = cc.bwe.take_probe_outcome();
+        match outcome {
+            Some(ProbeOutcome::Succeeded(_)) => cc.next_probe_at = now + PROBE_AFTER_SUCCESS,
+            Some(ProbeOutcome::Failed) => cc.next_probe_at = now + PROBE_AFTER_FAILURE,
+            None => {}
+        }
+        let estimate = cc.bwe.estimate_bps();
+        let mode = cc.bwe.mode();
+        self.metrics.set_estimate(&participant.to_string(), estimate);
+        // Demands: every video down track fed by a track, described by its layers.
+        let mut demands = Vec::new();
+        let mut audio_bps = 0u64;
+        for (dt_id, d) in &peer.down {
+            let Some(track) = d.source_track.and_then(|t| self.tracks.get_mut(&t)) else { continue };
+            if track.kind == MediaKind::Audio {
+                audio_bps += track.layers.iter_mut().map(|l| l.rate.bps(now)).sum::<u64>().max(40_000);
+                continue;
+            }
+            if track.muted {
+                continue;
+            }
+            let mut layers: Vec<LayerOption> = track
+                .layers
+                .iter_mut()
+                .enumerate()
+                .map(|(i, l)| {
+                    let live = l.rate.bps(now);
+                    if live > 0 && l.active(now) {
+                        l.known_bps = live;
+                    }
+                    LayerOption {
+                        spatial: track.spatial.get(i).copied().unwrap_or(0),
+                        dims: l.dims,
+                        bps: l.known_bps,
+                        available: l.active(now) || l.paused_by_us,
+                        temporal_layers: l.max_temporal + 1,
+                    }
+                })
+                .collect();
+            layers.sort_by_key(|l| l.spatial);
+            let priority = if d.settings.pinned {
+                Priority::Pinned
+            } else if track.source == TrackSource::ScreenShare {
+                Priority::ScreenShare
+            } else {
+                Priority::Normal
+            };
+            demands.push(VideoDemand {
+                id: dt_id.0,
+                priority,
+                layers,
+                display: d.settings.display,
+                visible: d.settings.visible,
+                current: d.forwarder.target().map(|t| (t.spatial, t.temporal)),
+            });
+        }
+        if demands.is_empty() {
+            return;
+        }
+        // Before any feedback, do not restrict: browsers start fine and the first feedback comes
+        // within a second. Without any feedback mechanism at all, loss-based (Mode::LossOnly).
+        let budget = if mode == Mode::Initial { u64::MAX / 4 } else { estimate as u64 };
+        let allocations = allocate(budget, audio_bps, &demands);
+        let mut wants_more: Option<u64> = None;
+        let mut events = Vec::new();
+        let mut total = audio_bps;
+        for a in allocations {
+            let Some(d) = peer.down.get_mut(&DownTrackId(a.id)) else { continue };
+            let target = a.target.map(|(s, t)| Target { spatial: s, temporal: t });
+            if d.forwarder.target() != target {
+                d.forwarder.set_target(target);
+            }
+            total += a.bps;
+            if let Some(next) = a.next_bps {
+                let extra = next.saturating_sub(a.bps);
+                wants_more = Some(wants_more.map_or(extra, |w| w.min(extra)));
+            }
+            if d.pause != a.pause
+                && let Some(track) = d.source_track
+            {
+                events.push(match a.pause {
+                    Some(reason) => ParticipantEvent::TrackPaused { track, reason },
+                    None => ParticipantEvent::TrackResumed { track },
+                });
+                d.pause = a.pause;
+            }
+        }
+        let mut probe_target = None;
+        if let (Some(extra), Some(cc)) = (wants_more, peer.cc.as_mut())
+            && mode == Mode::TransportCc
+            && now >= cc.next_probe_at
+            && !cc.bwe.probing()
+        {
+            // Aim for what the next step needs, with headroom, but not beyond twice the estimate.
+            let target = ((total + extra) as f64 * 1.15).min(estimate * 2.0).max(estimate * 1.2);
+            cc.bwe.start_probe(now, target);
+            cc.next_probe_at = now + PROBE_AFTER_FAILURE;
+            probe_target = Some(target);
+        }
+        if let Some(t) = probe_target {
+            tracing::debug!(participant = %participant, estimate, target = t, "probing");
+            self.metrics.probes.inc();
+            self.next_media_tick = now;
+        }
+        for ev in events {
+            self.emit(participant, ev);
+        }
+    }
+
+    /// Sends the probe bytes due now as duplicates of recently forwarded video packets (real
+    /// media the receiver discards as duplicates; padding-only packets would be tiny).
+    fn pace_probe(&mut self, now: Instant, peer_id: PeerId) -> bool {
+        let Some(peer) = self.peers.get_mut(&peer_id) else { return false };
+        let Some(cc) = peer.cc.as_mut() else { return false };
+        if !cc.bwe.probing() {
+            return false;
+        }
+        let media = cc.media_bps.bps(now) as f64;
+        let mut due = cc.bwe.probe_bytes_due(now, media) as i64;
+        let mut cursor = cc.probe_cursor;
+        let candidates: Vec<DownTrackId> = peer.down.iter().filter(|(_, d)| d.kind == MediaKind::Video && d.forwarder.current_spatial().is_some() && d.out_pt.is_some()).map(|(id, _)| *id).collect();
+        let mut outs = Vec::new();
+        'outer: for dt_id in candidates {
+            let Some(d) = peer.down.get(&dt_id) else { continue };
+            let (Some(track), Some(pt)) = (d.source_track.and_then(|t| self.tracks.get(&t)), d.out_pt) else { continue };
+            let last = d.forwarder.last_out_seq() as u16;
+            let mut tries = 0;
+            while due > 0 && tries < 64 {
+                tries += 1;
+                let seq = last.wrapping_sub(cursor % 32);
+                cursor = cursor.wrapping_add(1);
+                let Some(r) = d.forwarder.retransmission(seq, |src, in_seq| track.layers.iter().find(|l| l.ssrc == src.ssrc)?.cache.as_ref()?.get(in_seq).map(|p| p.ext_ts)) else { continue };
+                let Some(cached) = track.layers.iter().find(|l| l.ssrc == r.source.ssrc).and_then(|l| l.cache.as_ref()).and_then(|c| c.get(r.in_ext_seq)) else { continue };
+                let payload = match d.vp8_sent(seq) {
+                    Some(rw) => warbler_media::vp8::rewrite_descriptor(&cached.payload, rw).map(Bytes::from).unwrap_or_else(|| cached.payload.clone()),
+                    None => cached.payload.clone(),
+                };
+                due -= payload.len() as i64 + 40;
+                let out = rtp::Packet {
+                    header: rtp::header::Header { version: 2, marker: cached.marker, payload_type: pt, sequence_number: seq, timestamp: r.out_ext_ts as u32, ssrc: d.out_ssrc, ..Default::default() },
+                    payload,
+                };
+                outs.push(out);
+                if due <= 0 {
+                    break 'outer;
+                }
+            }
+        }
+        let mut sent_any = false;
+        for out in outs {
+            if peer.send_rtp(now, &self.metrics, out) {
+                self.metrics.probe_packets.inc();
+                sent_any = true;
+            }
+        }
+        if let Some(cc) = peer.cc.as_mut() {
+            cc.probe_cursor = cursor;
+        }
+        if sent_any && !peer.dirty {
+            peer.dirty = true;
+            self.dirty.push(peer_id);
+        }
+        true
+    }
+
+    /// Tells publishers which simulcast layers somebody needs; unneeded ones are paused (after a
+    /// grace period), needed ones resumed at once. The lowest layer always stays on so a new
+    /// subscriber starts fast.
+    fn update_layer_activity(&mut self, now: Instant) {
+        let mut needed: HashMap<TrackId, Vec<u8>> = HashMap::new();
+        for peer in self.peers.values() {
+            for d in peer.down.values() {
+                let Some(t) = d.source_track else { continue };
+                let e = needed.entry(t).or_default();
+                if let Some(c) = d.forwarder.current_spatial() {
+                    e.push(c);
+                }
+                if let Some(tg) = d.forwarder.target() {
+                    e.push(tg.spatial);
+                }
+            }
+        }
+        let mut notices = Vec::new();
+        for (id, track) in self.tracks.iter_mut() {
+            if track.kind != MediaKind::Video || track.layers.len() < 2 || track.layers.iter().any(|l| l.rid.is_none()) {
+                continue;
+            }
+            let wanted = needed.get(id).cloned().unwrap_or_default();
+            let top = (track.layers.len() - 1) as u8;
+            let mut changed = false;
+            for (i, layer) in track.layers.iter_mut().enumerate() {
+                let spatial = track.spatial.get(i).copied().unwrap_or(0);
+                let is_needed = spatial == 0 || wanted.iter().any(|&w| w.min(top) == spatial);
+                if is_needed {
+                    layer.last_needed_at = now;
+                    if layer.paused_by_us {
+                        layer.paused_by_us = false;
+                        changed = true;
+                    }
+                } else if !layer.paused_by_us && now.saturating_duration_since(layer.last_needed_at) > LAYER_UNNEEDED_GRACE {
+                    layer.paused_by_us = true;
+                    changed = true;
+                }
+            }
+            if changed {
+                let layers: Vec<(String, bool)> = track.layers.iter().filter_map(|l| Some((l.rid.clone()?, !l.paused_by_us))).collect();
+                notices.push((track.owner, *id, layers));
+            }
+        }
+        for (owner, track, layers) in notices {
+            self.metrics.layer_activity_changes.inc();
+            self.emit(owner, ParticipantEvent::LayerActivity { track, layers });
+        }
+    }
+
+    /// A subscriber's display settings for one of its tracks.
+    pub fn set_track_settings(&mut self, now: Instant, id: crate::ids::ParticipantId, track: TrackId, settings: TrackSettings) -> Result<(), crate::api::EngineError> {
+        let peer_id = self.participants.get(&id).and_then(|p| p.subscriber).ok_or(crate::api::EngineError::UnknownTrack)?;
+        let peer = self.peers.get_mut(&peer_id).ok_or(crate::api::EngineError::UnknownTrack)?;
+        let d = peer.down.values_mut().find(|d| d.source_track == Some(track)).ok_or(crate::api::EngineError::UnknownTrack)?;
+        d.settings = settings;
+        // Re-allocate soon so a newly visible or enlarged tile gets its layer quickly.
+        self.next_allocation = self.next_allocation.min(now);
+        self.next_media_tick = self.next_media_tick.min(now);
+        Ok(())
+    }
+}
+
+pub(super) fn is_subscriber_role(role: PeerRole) -> bool {
+    matches!(role, PeerRole::Subscriber | PeerRole::Whep)
+}
