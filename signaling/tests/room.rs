@@ -22,6 +22,11 @@ async fn publisher_two_subscribers_late_joiner_and_departure() {
     assert_eq!(tracks.len(), 2);
     let published = bob.wait_for(T, |m| m["type"] == "track_published").await.expect("bob is told about alice's track");
     assert_eq!(published["participant"], alice.sid.as_str());
+    // The server only sends on the subscriber connection.
+    let offer = bob.wait_for(T, |m| m["type"] == "subscriber_offer" && m["tracks"].as_object().is_some_and(|t| t.len() == 2)).await.expect("offer with both tracks");
+    let sdp = offer["sdp"].as_str().unwrap();
+    assert_eq!(sdp.matches("a=sendonly").count(), 2, "{sdp}");
+    assert!(!sdp.contains("a=sendrecv"), "{sdp}");
 
     assert!(bob.wait_decoding(&tracks, 30, T).await, "bob decodes: {:#?}", bob.received().await);
     assert!(carol.wait_decoding(&tracks, 30, T).await, "carol decodes: {:#?}", carol.received().await);
@@ -83,6 +88,9 @@ async fn publisher_two_subscribers_late_joiner_and_departure() {
     let mut want = tracks.clone();
     want.sort();
     assert_eq!(unpublished, want, "both tracks withdrawn");
+    let offer = bob.wait_for(T, |m| m["type"] == "subscriber_offer").await.expect("renegotiation after the tracks went away");
+    let sdp = offer["sdp"].as_str().unwrap();
+    assert_eq!(sdp.matches("a=inactive").count(), 2, "freed m-lines are inactive: {sdp}");
     let settled = wait_metric(&srv, &["warbler_down_tracks", "warbler_tracks_video", "warbler_tracks_audio"], 0.0).await;
     assert!(settled, "no tracks and no down tracks remain after the publisher left");
     let after = bob.received().await;

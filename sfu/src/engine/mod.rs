@@ -1054,7 +1054,15 @@ impl Engine {
         let rtc_kind = if kind == MediaKind::Audio { RtpCodecKind::Audio } else { RtpCodecKind::Video };
         let mst = media_stream_track(&owner.to_string(), &track.to_string(), rtc_kind, ssrc, &params);
         let Some(peer) = self.peers.get_mut(&peer_id) else { return };
-        let sender = match guarded(&self.metrics, "add_track", || peer.pc.add_track(mst)) {
+        // The server only sends on subscriber connections: sendonly, not the sendrecv add_track
+        // would leave (it reuses an m-line freed by an earlier removal when it can).
+        let sender = match guarded(&self.metrics, "add_track", || {
+            let sender = peer.pc.add_track(mst)?;
+            if let Some(mut t) = peer.pc.rtp_transceiver(RTCRtpTransceiverId::from(sender)) {
+                t.set_direction(rtc::rtp_transceiver::RTCRtpTransceiverDirection::Sendonly);
+            }
+            Ok::<_, rtc::shared::error::Error>(sender)
+        }) {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
                 warn!(track = %track, error = %e, "subscriber connection refused the track");
@@ -1135,7 +1143,14 @@ impl Engine {
             }
             if let Some(d) = peer.down.remove(&dt_id) {
                 peer.down_by_ssrc.remove(&d.out_ssrc);
-                let _ = guarded(&self.metrics, "remove_track", || peer.pc.remove_track(d.sender));
+                let _ = guarded(&self.metrics, "remove_track", || {
+                    let removed = peer.pc.remove_track(d.sender);
+                    // A freed m-line is inactive (nothing flows either way) until reused.
+                    if let Some(mut t) = peer.pc.rtp_transceiver(RTCRtpTransceiverId::from(d.sender)) {
+                        t.set_direction(rtc::rtp_transceiver::RTCRtpTransceiverDirection::Inactive);
+                    }
+                    removed
+                });
                 peer.negotiation_needed = true;
                 self.to_negotiate.push(peer_id);
             }
