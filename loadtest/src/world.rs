@@ -101,6 +101,8 @@ struct SendTrack {
     ssrc: u32,
     pt: u8,
     rid: Option<String>,
+    /// Header extensions every packet carries (simulcast: mid and rid), as (id, value).
+    extensions: Vec<(u8, bytes::Bytes)>,
     seq: u16,
     ts: u32,
     frame: usize,
@@ -489,7 +491,7 @@ impl World {
             let enc = vec![RTCRtpEncodingParameters { rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() }, codec, ..Default::default() }];
             peer.pc.add_track(MediaStreamTrack::new(stream.clone(), id.clone(), id.clone(), RtpCodecKind::Audio, enc))?;
             tracks.push((id, Kind::Audio));
-            send.push(SendTrack { loop_id: 0, ssrc, pt: OPUS_PT, rid: None, seq: rand::random(), ts: rand::random(), frame: rand::random_range(0..lib.audio.frames.len()), next_at: now, keyframe_wanted: false });
+            send.push(SendTrack { loop_id: 0, ssrc, pt: OPUS_PT, rid: None, extensions: Vec::new(), seq: rand::random(), ts: rand::random(), frame: rand::random_range(0..lib.audio.frames.len()), next_at: now, keyframe_wanted: false });
         }
         if !spec.video_layers.is_empty() {
             let id = format!("pub{publisher}-video");
@@ -512,6 +514,7 @@ impl World {
                     ssrc,
                     pt: H264_PT,
                     rid,
+                    extensions: Vec::new(),
                     seq: rand::random(),
                     ts: rand::random(),
                     frame: lib.video[l].next_keyframe(phase % frames),
@@ -529,11 +532,22 @@ impl World {
                 *data_channel = Some(id);
             }
         }
+        let offer = peer.pc.create_offer(None)?;
+        let sdp = offer.sdp.clone();
+        // Simulcast layers are told apart by the rid header extension (and the m-line by mid),
+        // with the ids this offer gave them.
+        let video = video_extmap(&sdp);
+        for t in send.iter_mut().filter(|t| t.rid.is_some()) {
+            if let (Some(mid), Some(mid_id)) = (&video.mid, video.mid_ext) {
+                t.extensions.push((mid_id, bytes::Bytes::copy_from_slice(mid.as_bytes())));
+            }
+            if let (Some(rid), Some(rid_id)) = (&t.rid, video.rid_ext) {
+                t.extensions.push((rid_id, bytes::Bytes::copy_from_slice(rid.as_bytes())));
+            }
+        }
         if let Role::Publisher { tracks: t, .. } = &mut peer.role {
             *t = send;
         }
-        let offer = peer.pc.create_offer(None)?;
-        let sdp = offer.sdp.clone();
         peer.pc.set_local_description(now, offer)?;
         Ok((key, sdp, tracks))
     }
@@ -638,7 +652,13 @@ impl World {
             }
             self.process_peer(key);
         }
-        self.mark_dirty(key);
+        // A connected subscriber answers nothing per packet (no NACKs): its reports go out on
+        // its timers, so skip draining and re-arming it per read (that is most of a packet's
+        // cost in the stack otherwise).
+        let quiet = self.peers.get(&key).is_some_and(|p| matches!(p.role, Role::Subscriber { .. }) && p.state == RTCPeerConnectionState::Connected);
+        if !quiet {
+            self.mark_dirty(key);
+        }
         more
     }
 
@@ -752,8 +772,8 @@ impl World {
                     ssrc: t.ssrc,
                     ..Default::default()
                 };
-                if let Some(rid) = &t.rid {
-                    let _ = header.set_extension(RID_EXT_ID, bytes::Bytes::copy_from_slice(rid.as_bytes()));
+                for (id, v) in &t.extensions {
+                    let _ = header.set_extension(*id, v.clone());
                 }
                 let pkt = rtp::Packet { header, payload: p.payload.clone() };
                 log[frame.first + k] = Some(sent_at);
@@ -895,8 +915,39 @@ impl World {
 
 pub const URI_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 pub const URI_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
-/// The extension id our offers give the rid extension (mid is registered first as 1).
-const RID_EXT_ID: u8 = 2;
+#[derive(Debug, Default, PartialEq)]
+pub struct VideoExtmap {
+    pub mid: Option<String>,
+    pub mid_ext: Option<u8>,
+    pub rid_ext: Option<u8>,
+}
+
+/// The first video m-section's mid and the extension ids of mid and rid in an SDP.
+pub fn video_extmap(sdp: &str) -> VideoExtmap {
+    let mut out = VideoExtmap::default();
+    let mut in_video = false;
+    for line in sdp.lines().map(str::trim) {
+        if line.starts_with("m=") {
+            if out.mid.is_some() {
+                break;
+            }
+            in_video = line.starts_with("m=video");
+        } else if in_video {
+            if let Some(m) = line.strip_prefix("a=mid:") {
+                out.mid = Some(m.to_owned());
+            } else if let Some(rest) = line.strip_prefix("a=extmap:") {
+                let mut it = rest.split_whitespace();
+                let id = it.next().and_then(|i| i.split('/').next()).and_then(|i| i.parse::<u8>().ok());
+                match it.next() {
+                    Some(URI_MID) => out.mid_ext = id,
+                    Some(URI_RID) => out.rid_ext = id,
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
 
 fn track_result(subscriber: usize, joined_at: Instant, t: &mut RecvTrack) -> TrackResult {
     let span = match (t.first_at, t.last_at) {
@@ -1050,6 +1101,14 @@ impl Interceptor for KeyframeRequestsToApp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn video_extension_ids_are_read_from_the_offer() {
+        let sdp = "m=audio 9 X 111\r\na=mid:0\r\na=extmap:1 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+                   m=video 9 X 102\r\na=mid:1\r\na=extmap:3 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+                   a=extmap:4/sendonly urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n";
+        assert_eq!(video_extmap(sdp), VideoExtmap { mid: Some("1".into()), mid_ext: Some(3), rid_ext: Some(4) });
+    }
 
     #[test]
     fn ssrcs_are_mapped_to_their_m_section_mid() {
