@@ -45,6 +45,7 @@ fn refuse(state: &AppState, e: ChatError, id: Option<&str>) -> Response {
 }
 
 /// Room name, token (room match, grant), rate limit.
+#[allow(clippy::result_large_err)] // the error is the finished response, built once per refusal
 fn admit(state: &AppState, room: &str, headers: &HeaderMap, grant: Option<&'static str>, kind: &str) -> Result<Actor, Response> {
     state.chat.metrics.messages_in.with_label_values(&[kind, "rest"]).inc();
     if !valid_room_name(room) {

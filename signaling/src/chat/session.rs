@@ -101,7 +101,7 @@ async fn run(service: Arc<ChatService>, actor: Actor, mut inbox: mpsc::Unbounded
 async fn greet(service: &Arc<ChatService>, actor: &Actor, me: ParticipantId) {
     let cfg = service.config();
     let state = service.read_state(&actor.room, &actor.identity).await.unwrap_or_default();
-    let page = if cfg.history_on_open > 0 { service.history(&actor.room, HistoryQuery::Latest { limit: cfg.history_on_open }).await.ok() } else { None };
+    let page = service.history(&actor.room, HistoryQuery::Latest { limit: cfg.history_on_open.max(1) }).await.ok();
     let hello = json!({
         "type": "hello",
         "room": actor.room.0,
@@ -116,7 +116,7 @@ async fn greet(service: &Arc<ChatService>, actor: &Actor, me: ParticipantId) {
         "limits": { "max_text_bytes": cfg.max_text_bytes, "messages_per_second": cfg.messages_per_second, "burst": cfg.burst, "max_page": cfg.max_page },
     });
     service.send_to(me, hello, "hello").await;
-    if let Some(p) = page {
+    if let Some(p) = page.filter(|_| cfg.history_on_open > 0) {
         service.send_to(me, wire::page("history", &p, true, Some(wire::REPLY_BUDGET_BYTES), &None), "history").await;
     }
 }

@@ -84,17 +84,13 @@ CREATE TABLE IF NOT EXISTS mentions (
     PRIMARY KEY (room_id, identity, seq)
 ) WITHOUT ROWID;
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='messages', content_rowid='id', tokenize='trigram');
-CREATE VIRTUAL TABLE IF NOT EXISTS messages_grams USING fts5(grams, content='', contentless_delete=1, tokenize='ascii', detail='none');
-CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN
-    INSERT INTO messages_fts (rowid, text) VALUES (new.id, new.text);
-END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages BEGIN
-    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
-END;
-CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF text ON messages BEGIN
-    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', old.id, old.text);
-    INSERT INTO messages_fts (rowid, text) VALUES (new.id, new.text);
-END;
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_grams USING fts5(grams, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 0', detail='none');
+-- No triggers keep the FTS tables in step (the code does): a trigger makes every message INSERT
+-- a multi-write statement with a statement savepoint, and FTS5 flushes its pending terms into a
+-- new segment at every savepoint, i.e. once per message instead of once per batch.
+DROP TRIGGER IF EXISTS messages_fts_insert;
+DROP TRIGGER IF EXISTS messages_fts_delete;
+DROP TRIGGER IF EXISTS messages_fts_update;
 "#;
 
 const MSG_COLS: &str = "id, seq, rev, client_id, author, name, text, ts, reply_to, mentions, edited_ts, deleted_by";
@@ -269,7 +265,8 @@ fn mentions_json(m: &[String]) -> Option<String> {
 }
 
 fn index_message(c: &Connection, room_id: i64, id: i64, seq: Seq, text: &str, mentions: &[String]) -> rusqlite::Result<()> {
-    c.prepare_cached("INSERT INTO messages_grams (rowid, grams) VALUES (?1, ?2)")?.execute(params![id, gram_tokens(room_id, text)])?;
+    c.prepare_cached("INSERT INTO messages_fts (rowid, text) VALUES (?1, ?2)")?.execute(params![id, text])?;
+    c.prepare_cached("INSERT INTO messages_grams (rowid, grams) VALUES (?1, ?2)")?.execute(params![id, gram_tokens(text)])?;
     let mut st = c.prepare_cached("INSERT OR IGNORE INTO mentions (room_id, identity, seq) VALUES (?1, ?2, ?3)")?;
     for m in mentions {
         st.execute(params![room_id, m, seq.0 as i64])?;
@@ -277,7 +274,9 @@ fn index_message(c: &Connection, room_id: i64, id: i64, seq: Seq, text: &str, me
     Ok(())
 }
 
-fn unindex_message(c: &Connection, room_id: i64, id: i64, seq: Seq) -> rusqlite::Result<()> {
+/// `text`: the text the message was indexed with.
+fn unindex_message(c: &Connection, room_id: i64, id: i64, seq: Seq, text: &str) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', ?1, ?2)")?.execute(params![id, text])?;
     c.prepare_cached("DELETE FROM messages_grams WHERE rowid = ?1")?.execute([id])?;
     c.prepare_cached("DELETE FROM mentions WHERE room_id = ?1 AND seq = ?2")?.execute(params![room_id, seq.0 as i64])?;
     Ok(())
@@ -386,7 +385,7 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, 
                 mentions_json(mentions),
                 row.id
             ])?;
-            unindex_message(c, room.id, row.id, *seq)?;
+            unindex_message(c, room.id, row.id, *seq, &row.msg.text)?;
             index_message(c, room.id, row.id, *seq, text, mentions)?;
             let room = *room;
             let mentioned = mentions.iter().map(|m| Ok((m.clone(), read_state_in(c, &room, m)?))).collect::<rusqlite::Result<Vec<_>>>()?;
@@ -405,7 +404,7 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, 
                 room.rev as i64,
                 row.id
             ])?;
-            unindex_message(c, room.id, row.id, *seq)?;
+            unindex_message(c, room.id, row.id, *seq, &row.msg.text)?;
             c.prepare_cached("DELETE FROM reactions WHERE message_id = ?1")?.execute([row.id])?;
             Ok(Ok(WriteOutcome::Deleted { seq: *seq, rev: Rev(room.rev), by: identity.clone() }))
         }
@@ -509,27 +508,38 @@ impl ChatStore for SqliteStore {
                     .query_map(params![expr, r.id, window as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
                     .collect::<rusqlite::Result<_>>()?,
                 None => {
-                    let token = format!("\"{}\"", gram_token(r.id, &q.short_gram()));
-                    c.prepare_cached("SELECT rowid FROM messages_grams WHERE messages_grams MATCH ?1 ORDER BY rowid DESC LIMIT ?2")?
-                        .query_map(params![token, window as i64], |row| Ok((row.get(0)?, 0.0)))?
-                        .collect::<rusqlite::Result<_>>()?
+                    let token = format!("\"{}\"", gram_token(&q.short_gram()));
+                    c.prepare_cached(
+                        "SELECT messages_grams.rowid FROM messages_grams CROSS JOIN messages m ON m.id = messages_grams.rowid
+                         WHERE messages_grams MATCH ?1 AND m.room_id = ?2 ORDER BY messages_grams.rowid DESC LIMIT ?3",
+                    )?
+                    .query_map(params![token, r.id, window as i64], |row| Ok((row.get(0)?, 0.0)))?
+                    .collect::<rusqlite::Result<_>>()?
                 }
             };
-            // Terms the index did not check (short ones next to long ones, or several short ones)
-            // are checked on the text; when the index checked everything, only the best are loaded.
-            let all_checked = q.terms.len() == 1 || q.long_terms().count() == q.terms.len();
-            let mut hits: Vec<(f64, Row)> = Vec::new();
+            // The trigram index matches long terms exactly; anything else (short terms, which the gram
+            // index only narrows down) is checked on the text. When the index checked everything,
+            // only the best are loaded.
+            let all_checked = q.long_terms().count() == q.terms.len();
             let mut ranked = candidates;
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.0.cmp(&a.0)));
+            let mut hits: Vec<(f64, Row)> = Vec::new();
             for (id, score) in ranked {
-                if all_checked && hits.len() >= limit {
+                if hits.len() >= limit {
                     break;
                 }
-                let Some(row) = load_by_id(c, id)? else { continue };
-                if row.msg.deleted || (!all_checked && !q.matches(&row.msg.text)) {
-                    continue;
+                if !all_checked {
+                    let text: Option<String> = c
+                        .prepare_cached("SELECT text FROM messages WHERE id = ?1 AND deleted_by IS NULL")?
+                        .query_row([id], |r| r.get(0))
+                        .optional()?;
+                    if !text.is_some_and(|t| q.matches(&t)) {
+                        continue;
+                    }
                 }
-                hits.push((score, row));
+                if let Some(row) = load_by_id(c, id)? {
+                    hits.push((score, row));
+                }
             }
             hits.truncate(limit);
             Ok(hits

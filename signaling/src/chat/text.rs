@@ -2,7 +2,6 @@
 //! that index 1-2 character search terms, search query parsing, and snippets with highlight
 //! ranges. No I/O; table-tested.
 
-use std::collections::BTreeSet;
 
 use super::ChatError;
 
@@ -21,8 +20,7 @@ const SNIPPET_LEAD: usize = 50;
 pub fn mentions(text: &str, author: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut prev: Option<char> = None;
-    let mut it = text.char_indices().peekable();
-    while let Some((i, c)) = it.next() {
+    for (i, c) in text.char_indices() {
         let starts = c == '@' && prev.is_none_or(|p| !p.is_ascii_alphanumeric());
         prev = Some(c);
         if !starts {
@@ -46,36 +44,58 @@ pub fn fold(c: char) -> char {
     c.to_lowercase().next().unwrap_or(c)
 }
 
-/// The index token of a 1-2 character gram in a room: `r<room id>g<hex code points, x-separated>`
-/// (only ASCII letters and digits, so FTS5's `ascii` tokenizer keeps it whole).
-pub fn gram_token(room_id: i64, gram: &[char]) -> String {
-    let mut t = format!("r{room_id}g");
-    for (i, c) in gram.iter().enumerate() {
-        if i > 0 {
-            t.push('x');
+/// Characters written as themselves in gram tokens: ones FTS5's `unicode61` tokenizer certainly
+/// keeps as token characters (ASCII letters and digits, CJK ideographs, kana, hangul).
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(u32::from(c), 0x3040..=0x30ff | 0x3400..=0x4dbf | 0x4e00..=0x9fff | 0xac00..=0xd7af | 0xf900..=0xfaff)
+}
+
+fn push_gram(out: &mut String, gram: &[char]) {
+    if gram.iter().all(|&c| plain(c)) {
+        out.extend(gram);
+    } else {
+        // `x` + hex code points: at least 3 characters, so never equal to a plain 1-2 character gram.
+        for &c in gram {
+            out.push('x');
+            let _ = std::fmt::Write::write_fmt(out, format_args!("{:x}", u32::from(c)));
         }
-        t.push_str(&format!("{:x}", u32::from(*c)));
     }
+}
+
+/// The index token of a 1-2 character (folded) gram.
+pub fn gram_token(gram: &[char]) -> String {
+    let mut t = String::new();
+    push_gram(&mut t, gram);
     t
 }
 
 /// All distinct folded unigrams and bigrams of `text` without whitespace, as index tokens
 /// separated by spaces.
-pub fn gram_tokens(room_id: i64, text: &str) -> String {
+pub fn gram_tokens(text: &str) -> String {
+    const ONE: char = '\0';
     let chars: Vec<char> = text.chars().map(fold).collect();
-    let mut set: BTreeSet<String> = BTreeSet::new();
+    let mut grams: Vec<(char, char)> = Vec::with_capacity(chars.len() * 2);
     for (i, &c) in chars.iter().enumerate() {
         if c.is_whitespace() {
             continue;
         }
-        set.insert(gram_token(room_id, &[c]));
+        grams.push((c, ONE));
         if let Some(&d) = chars.get(i + 1)
             && !d.is_whitespace()
         {
-            set.insert(gram_token(room_id, &[c, d]));
+            grams.push((c, d));
         }
     }
-    set.into_iter().collect::<Vec<_>>().join(" ")
+    grams.sort_unstable();
+    grams.dedup();
+    let mut out = String::with_capacity(grams.len() * 4);
+    for (c, d) in grams {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if d == ONE { push_gram(&mut out, &[c]) } else { push_gram(&mut out, &[c, d]) }
+    }
+    out
 }
 
 /// A parsed search: whitespace-separated terms, folded; a message matches when it contains every
@@ -211,15 +231,17 @@ mod tests {
 
     #[test]
     fn grams_table() {
-        assert_eq!(gram_token(3, &['a']), "r3g61");
-        assert_eq!(gram_token(12, &['世', '界']), "r12g4e16x754c");
-        assert_eq!(gram_tokens(1, "Ab b"), "r1g61 r1g61x62 r1g62");
-        let t = gram_tokens(7, "你好世界");
-        for g in [&['世', '界'][..], &['你'][..], &['界'][..]] {
-            assert!(t.split(' ').any(|x| x == gram_token(7, g)), "{g:?} indexed");
+        let cases: &[(&[char], &str)] = &[(&['a'], "a"), (&['世', '界'], "世界"), (&['-'], "x2d"), (&['a', '-'], "x61x2d"), (&['é'], "xe9"), (&['ㄱ'], "x3131")];
+        for (g, want) in cases {
+            assert_eq!(gram_token(g), *want, "{g:?}");
         }
-        assert!(!t.contains(&gram_token(7, &['好', '界'])));
-        assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b' '));
+        assert_eq!(gram_tokens("Ab b"), "a ab b");
+        assert_eq!(gram_tokens("ok, ok"), "x2c k x6bx2c o ok");
+        let t = gram_tokens("你好世界");
+        for g in [&['世', '界'][..], &['你'][..], &['界'][..]] {
+            assert!(t.split(' ').any(|x| x == gram_token(g)), "{g:?} indexed");
+        }
+        assert!(!t.split(' ').any(|x| x == gram_token(&['好', '界'])));
     }
 
     #[test]
