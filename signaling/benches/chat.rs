@@ -13,10 +13,13 @@
 //!    times a set of queries (3+ character terms on the trigram index, 1-2 character terms on the
 //!    gram index, multi-term, absent terms). Reports p50/p99 per class and overall.
 //!
+//! 1b. The same path open loop (`--rates 10000,20000 --seconds 10`): messages arrive at a fixed
+//!    rate and ack latency is measured from each message's scheduled time.
+//!
 //! Goals (issue 4): ≥ 20,000 durable messages/s, ack p99 < 20 ms, search p99 < 50 ms over ≥ 1M.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -50,10 +53,13 @@ struct Args {
     dir: Option<std::path::PathBuf>,
     write: bool,
     search: bool,
+    /// Open-loop rates (messages/s) to measure ack latency at.
+    rates: Vec<u64>,
+    seconds: u64,
 }
 
 fn args() -> Args {
-    let mut a = Args { writers: 256, messages: 200_000, search_messages: 1_000_000, dir: None, write: true, search: true };
+    let mut a = Args { writers: 256, messages: 200_000, search_messages: 1_000_000, dir: None, write: true, search: true, rates: vec![10_000, 20_000], seconds: 10 };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -63,6 +69,8 @@ fn args() -> Args {
             "--dir" => a.dir = it.next().map(Into::into),
             "--skip-write" => a.write = false,
             "--skip-search" => a.search = false,
+            "--rates" => a.rates = it.next().map(|v| v.split(',').filter_map(|r| r.parse().ok()).collect()).expect("--rates R1,R2"),
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds N"),
             // cargo bench passes --bench
             _ => {}
         }
@@ -166,6 +174,72 @@ fn bench_writes(a: &Args, dir: &std::path::Path) {
     });
 }
 
+/// Open loop: messages arrive at a fixed `rate` whatever the server does (from 256 identities in 8
+/// rooms); latency is measured from each message's scheduled send time, so queueing behind a slow
+/// commit is counted (no coordinated omission).
+fn bench_open_loop(rate: u64, seconds: u64, dir: &std::path::Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let registry = prometheus::Registry::new();
+        let store = Arc::new(SqliteStore::open(dir).unwrap());
+        let cfg = ChatConfig { messages_per_second: u32::MAX, burst: u32::MAX, ..ChatConfig::default() };
+        let svc = ChatService::start(cfg, store, Arc::new(NoTransport), &registry, system_clock()).unwrap();
+        let actors: Vec<Actor> = (0..256)
+            .map(|w| Actor { room: RoomName(format!("room{}", w % 8)), identity: format!("writer{w}"), name: format!("Writer {w}"), chat: true, admin: false, participant: None })
+            .collect();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let total = rate * seconds;
+        let mut rng = StdRng::seed_from_u64(rate);
+        let start = tokio::time::Instant::now();
+        let mut sent = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        while sent < total {
+            tick.tick().await;
+            let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+            while sent < due {
+                let scheduled = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+                let actor = &actors[(sent % 256) as usize];
+                let pending = svc.post(actor, &format!("o{sent}"), &message(&mut rng), None).unwrap();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    pending.await.unwrap();
+                    let _ = tx.send(scheduled.elapsed().as_micros().max(1) as u64);
+                });
+                sent += 1;
+            }
+        }
+        drop(tx);
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        while let Some(us) = rx.recv().await {
+            h.record(us).unwrap();
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let commits = registry.gather().into_iter().find(|f| f.name() == "warbler_chat_batch_size").map(|f| f.get_metric()[0].get_histogram().get_sample_count()).unwrap_or(0);
+        let slow_commits = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "warbler_chat_store_seconds")
+            .map(|f| {
+                let hist = f.get_metric()[0].get_histogram();
+                let under = |le: f64| hist.get_bucket().iter().find(|b| (b.get_upper_bound() - le).abs() < 1e-9).map_or(0, |b| b.get_cumulative_count());
+                (hist.get_sample_count() - under(0.02), hist.get_sample_count() - under(0.1))
+            })
+            .unwrap_or_default();
+        println!(
+            "== open loop at {rate} msgs/s for {seconds} s: {} durable in {elapsed:.2} s; ack latency p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms; {commits} commits (mean batch {:.0}; {} over 20 ms, {} over 100 ms)",
+            h.len(),
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.9)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max()),
+            h.len() as f64 / commits.max(1) as f64,
+            slow_commits.0,
+            slow_commits.1
+        );
+    });
+}
+
 fn bench_search(a: &Args, dir: &std::path::Path) {
     let store = SqliteStore::open(dir).unwrap();
     let room = RoomName("big".into());
@@ -238,6 +312,11 @@ fn main() {
         let d = base.join("write");
         bench_writes(&a, &d);
         let _ = std::fs::remove_dir_all(&d);
+        for &rate in &a.rates {
+            let d = base.join(format!("open-{rate}"));
+            bench_open_loop(rate, a.seconds, &d);
+            let _ = std::fs::remove_dir_all(&d);
+        }
     }
     if a.search {
         let d = base.join("search");
