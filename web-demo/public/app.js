@@ -1,6 +1,8 @@
 // App: the page's UI — join form and tokens, video grid, participant list, controls, device picker,
 // error banner — driving one Session at a time; also exposes the `window.warbler` test hook.
 import { Session } from './session.js';
+import { AdaptiveStream } from './adaptive.js';
+import { QualityMonitor } from './quality.js';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -9,19 +11,23 @@ const ui = {
   grid: $('grid'), participants: $('participants'), audio: $('audio-sinks'), title: $('room-title'),
   conn: $('conn-state'), pubState: $('pub-state'), subState: $('sub-state'),
   mic: $('mic-button'), camera: $('camera-button'), screen: $('screen-button'), leave: $('leave-button'),
-  cameraSelect: $('camera-select'), micSelect: $('mic-select'),
+  cameraSelect: $('camera-select'), micSelect: $('mic-select'), publish: $('publish-input'),
   banner: $('banner'), bannerList: $('banner-list'), bannerClose: $('banner-close'),
 };
 
 let session = null;
 const errors = []; // everything shown in the banner: {code, message, at}
 const tabSuffix = Math.random().toString(36).slice(2, 8); // identity = name + this, one per tab
+const adaptive = new AdaptiveStream(() => session);
+const quality = new QualityMonitor(() => session, ui.grid);
+let pinnedKey = null; // the tile the user pinned: shown large, its track gets bandwidth first
 
 // ---- join / leave ----
 
 const params = new URLSearchParams(location.search);
 ui.room.value = params.get('room') ?? '';
 ui.name.value = params.get('name') ?? '';
+if (params.get('publish') === '0') ui.publish.checked = false; // subscribe-only (tests, viewers)
 if (!navigator.mediaDevices?.getDisplayMedia) ui.screen.disabled = true;
 
 ui.form.addEventListener('submit', async (ev) => {
@@ -40,7 +46,7 @@ ui.form.addEventListener('submit', async (ev) => {
         return;
       }
     }
-    await enterRoom(room, token);
+    await enterRoom(room, token, ui.publish.checked);
   } catch (e) {
     showError(e.code ?? 'client', e.message);
   } finally {
@@ -61,7 +67,7 @@ function identityFor(name) {
   return `${slug}-${tabSuffix}`;
 }
 
-async function enterRoom(room, token) {
+async function enterRoom(room, token, publish = true) {
   const s = new Session();
   session = s;
   s.addEventListener('change', () => session === s && render());
@@ -75,11 +81,12 @@ async function enterRoom(room, token) {
   showRoomView();
   const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
   try {
-    await s.join({ wsUrl, token });
+    quality.start();
+    await s.join({ wsUrl, token, publish });
   } catch {
     return; // already reported through the session's 'error' event; 'ended' restored the form
   }
-  history.replaceState(null, '', `?room=${encodeURIComponent(room)}`);
+  history.replaceState(null, '', `?room=${encodeURIComponent(room)}${publish ? '' : '&publish=0'}`);
   await refreshDevices();
 }
 
@@ -92,9 +99,12 @@ function showRoomView() {
 }
 
 function showJoinForm() {
+  quality.stop();
+  pinnedKey = null;
   ui.form.hidden = false;
   ui.roomView.hidden = ui.controls.hidden = ui.conn.hidden = true;
   ui.title.textContent = '';
+  for (const tile of ui.grid.children) adaptive.unobserve(tile);
   ui.grid.replaceChildren();
   ui.participants.replaceChildren();
   ui.audio.replaceChildren();
@@ -187,7 +197,10 @@ function render() {
         track: s.remote.get(t.sid)?.track, trackSid: t.sid });
     }
   }
-  reconcile(ui.grid, tiles, (t) => t.key, createTile, updateTile);
+  if (pinnedKey && !tiles.some((t) => t.key === pinnedKey && !t.local)) pinnedKey = null;
+  for (const t of tiles) t.pinned = t.key === pinnedKey;
+  tiles.sort((a, b) => Number(b.pinned) - Number(a.pinned)); // the pinned tile first (stable otherwise)
+  reconcile(ui.grid, tiles, (t) => t.key, createTile, updateTile, (tile) => adaptive.unobserve(tile));
 
   // Remote audio: one <audio> per received audio track.
   const audio = [...s.remote].filter(([, r]) => r.kind === 'audio').map(([sid, r]) => ({ sid, track: r.track }));
@@ -228,13 +241,38 @@ function createTile(t) {
   const tile = document.createElement('div');
   tile.className = 'tile';
   tile.innerHTML = '<video autoplay playsinline muted></video><div class="avatar"></div><div class="label"></div>';
+  if (!t.local) {
+    // Remote tiles: received resolution and quality, why the server paused the video, pin button.
+    tile.insertAdjacentHTML('beforeend', '<div class="paused-overlay" hidden></div>' +
+      '<div class="quality" hidden><span class="res"></span> <span class="grade"></span></div>' +
+      '<button type="button" class="pin" aria-pressed="false" title="Pin: show large, prefer its quality">Pin</button>');
+    tile.querySelector('.pin').addEventListener('click', () => {
+      pinnedKey = pinnedKey === tile.dataset.key ? null : tile.dataset.key;
+      render();
+    });
+  }
   return tile;
 }
 
 function updateTile(tile, t) {
   Object.assign(tile.dataset, { key: t.key, participant: t.participant, source: t.source });
   if (t.trackSid) tile.dataset.track = t.trackSid;
+  else delete tile.dataset.track;
   tile.classList.toggle('mirrored', Boolean(t.mirrored));
+  tile.classList.toggle('pinned', Boolean(t.pinned));
+  if (!t.local) {
+    const pin = tile.querySelector('.pin');
+    pin.setAttribute('aria-pressed', String(Boolean(t.pinned)));
+    pin.textContent = t.pinned ? 'Unpin' : 'Pin';
+    const reason = t.trackSid ? session?.paused.get(t.trackSid) : undefined;
+    const overlay = tile.querySelector('.paused-overlay');
+    overlay.hidden = !reason || Boolean(t.off);
+    overlay.textContent = reason ? `paused: ${reason}` : '';
+    if (reason) tile.dataset.paused = reason;
+    else delete tile.dataset.paused;
+    if (t.track && t.trackSid) adaptive.observe(tile, t.trackSid, { pinned: Boolean(t.pinned) });
+    else adaptive.unobserve(tile);
+  }
   tile.querySelector('.label').textContent = t.name;
   const avatar = tile.querySelector('.avatar');
   avatar.textContent = (t.name.trim()[0] ?? '?').toUpperCase();
@@ -251,7 +289,7 @@ function attach(el, track) {
 }
 
 /** Makes `parent`'s children match `items` (by key), creating, updating and removing elements. */
-function reconcile(parent, items, keyOf, create, update) {
+function reconcile(parent, items, keyOf, create, update, removed = () => {}) {
   const existing = new Map([...parent.children].map((el) => [el.dataset.rkey, el]));
   let prev = null;
   for (const item of items) {
@@ -268,6 +306,7 @@ function reconcile(parent, items, keyOf, create, update) {
     prev = el;
   }
   for (const el of existing.values()) {
+    removed(el);
     if (el.srcObject !== undefined) el.srcObject = null;
     el.querySelector?.('video')?.remove();
     el.remove();
@@ -282,5 +321,18 @@ window.warbler = {
     errors: errors.map((e) => ({ ...e })),
   }),
   inboundStats: async () => (session ? session.inboundStats() : []),
+  outboundStats: async () => (session ? session.outboundStats() : []),
+  /** Per remote video tile: what the quality indicator shows and the adaptive-stream settings. */
+  tiles: () => {
+    const settings = new Map(adaptive.settings().map((x) => [x.trackSid, x]));
+    const info = new Map(quality.info().map((x) => [x.trackSid, x]));
+    return [...ui.grid.querySelectorAll('.tile[data-track]')].map((tile) => ({
+      key: tile.dataset.key, trackSid: tile.dataset.track, participant: tile.dataset.participant, source: tile.dataset.source,
+      pinned: tile.classList.contains('pinned'), paused: tile.dataset.paused ?? null,
+      pausedOverlay: tile.querySelector('.paused-overlay:not([hidden])')?.textContent ?? null,
+      quality: info.get(tile.dataset.track) ?? null, settings: settings.get(tile.dataset.track) ?? null,
+      cssWidth: tile.clientWidth, cssHeight: tile.clientHeight,
+    }));
+  },
   get session() { return session; },
 };

@@ -3,8 +3,18 @@
 import { Signaling, SignalError } from './signaling.js';
 import { msidTrackByMid } from './sdp.js';
 
-const VIDEO_CONSTRAINTS = { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 30 } };
+const VIDEO_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
 const PING_INTERVAL_MS = 15000;
+const IS_FIREFOX = typeof navigator !== 'undefined' && /firefox/i.test(navigator.userAgent);
+// The camera goes out as three simulcast encodings at 1/4, 1/2 and full size. The server orders
+// layers by the picture size it sees, never by name, so each browser may use its own rid names
+// (Firefox's customary l/m/h, q/h/f elsewhere).
+const SIMULCAST = (IS_FIREFOX ? ['l', 'm', 'h'] : ['q', 'h', 'f']).map((rid, i) => ({ rid, scaleResolutionDownBy: [4, 2, 1][i] }));
+// VP8 temporal layers let the server fit between spatial steps; used where the browser offers them.
+const TEMPORAL_MODE = 'L1T3';
+// `req` values of our own track_settings messages, from a range the signaling requests never reach:
+// an error for one of them (the track went away meanwhile) is expected and not shown.
+const QUIET_REQ_BASE = 1_000_000_000;
 
 export class Session extends EventTarget {
   sig = null;
@@ -17,6 +27,8 @@ export class Session extends EventTarget {
   local = new Map(); // source -> {source, track, stream, transceiver, trackId, sid, muted}
   remote = new Map(); // trackSid -> {track, mid, kind}: media currently received
   serverStates = { publisher: null, subscriber: null }; // as the server reports them
+  paused = new Map(); // trackSid -> reason ('bandwidth' | 'hidden' | 'feed_dry'): the server stopped sending it
+  publishing = true; // false: subscribe-only (no camera, no microphone)
 
   #subTracks = {}; // mid -> track sid, from the latest subscriber_offer
   #streamByMid = new Map(); // mid -> msid stream id (= publisher participant sid)
@@ -28,9 +40,16 @@ export class Session extends EventTarget {
   #ended = false;
   #screenPending = false; // getDisplayMedia is showing its picker
   #changeQueued = false;
+  #layerChain = Promise.resolve();
+  #wantedSettings = new Map(); // trackSid -> {width, height, visible, pinned}: what the UI shows
+  #sentSettings = new Map(); // trackSid -> JSON of the last track_settings sent for it
+  #quietReq = QUIET_REQ_BASE;
+  #quietReqs = new Set();
 
-  /** Connects, joins with `token` and publishes camera + microphone. Throws if the join fails. */
-  async join({ wsUrl, token }) {
+  /** Connects, joins with `token` and publishes camera + microphone (unless `publish` is false:
+   *  subscribe-only). Throws if the join fails. */
+  async join({ wsUrl, token, publish = true }) {
+    this.publishing = publish;
     this.sig = new Signaling();
     this.sig.addEventListener('message', (e) => this.#onMessage(e.detail));
     this.sig.addEventListener('close', (e) => this.#onClose(e.detail));
@@ -43,7 +62,7 @@ export class Session extends EventTarget {
       throw e;
     }
     this.#pingTimer = setInterval(() => this.sig.send({ type: 'ping' }), PING_INTERVAL_MS);
-    await this.#startLocalMedia();
+    if (publish) await this.#startLocalMedia();
     if (this.local.size) await this.#negotiatePublisher();
   }
 
@@ -134,10 +153,15 @@ export class Session extends EventTarget {
       participantId: this.self?.sid ?? null,
       self: this.self && participant(this.self),
       participants: [...this.participants.values()].map(participant),
+      publishing: this.publishing,
       local: [...this.local.values()].map((l) => ({
         source: l.source, kind: l.track.kind, trackId: l.trackId, sid: l.sid, muted: l.muted, label: l.track.label,
+        rids: l.rids ?? null, layersRequested: l.layersRequested ?? null, layersApplied: l.layersApplied ?? null,
+        layerMessages: l.layerMessages ?? 0,
       })),
-      received: [...this.remote].map(([sid, r]) => ({ trackSid: sid, mid: r.mid, kind: r.kind })),
+      received: [...this.remote].map(([sid, r]) => ({ trackSid: sid, mid: r.mid, kind: r.kind, paused: this.paused.get(sid) ?? null,
+        settings: this.#wantedSettings.get(sid) ?? null })),
+      paused: Object.fromEntries(this.paused),
       publisherState: this.pub?.connectionState ?? 'new',
       subscriberState: this.sub?.connectionState ?? 'new',
       serverStates: { ...this.serverStates },
@@ -172,7 +196,63 @@ export class Session extends EventTarget {
       framesDecoded: s.framesDecoded ?? 0,
       frameWidth: s.frameWidth ?? 0,
       frameHeight: s.frameHeight ?? 0,
+      framesPerSecond: s.framesPerSecond ?? 0,
+      freezeCount: s.freezeCount ?? 0,
+      totalFreezesDuration: s.totalFreezesDuration ?? 0, // seconds
+      packetsLost: s.packetsLost ?? 0,
+      jitter: s.jitter ?? 0, // seconds
+      keyFramesDecoded: s.keyFramesDecoded ?? 0,
+      pliCount: s.pliCount ?? 0,
+      nackCount: s.nackCount ?? 0,
+      paused: this.paused.get(s.trackSid) ?? null,
     }));
+  }
+
+  /** Per published encoding (one per simulcast rid, or one without rid): outbound-rtp counters and
+   *  whether the encoding is active in the sender's parameters. */
+  async outboundStats() {
+    if (!this.pub) return [];
+    const report = await this.pub.getStats();
+    const out = [];
+    for (const l of this.local.values()) {
+      const sender = l.transceiver.sender;
+      const encodings = sender.getParameters().encodings ?? [];
+      const ssrcs = new Set();
+      let senderReport;
+      try {
+        senderReport = await sender.getStats();
+      } catch {
+        senderReport = report;
+      }
+      senderReport.forEach((s) => { if (s.type === 'outbound-rtp') ssrcs.add(s.ssrc); });
+      report.forEach((s) => {
+        if (s.type !== 'outbound-rtp' || !ssrcs.has(s.ssrc)) return;
+        const enc = encodings.find((e) => (e.rid ?? null) === (s.rid ?? null)) ?? (encodings.length === 1 ? encodings[0] : undefined);
+        out.push({
+          source: l.source, kind: l.track.kind, trackSid: l.sid, rid: s.rid ?? null, ssrc: s.ssrc,
+          active: enc ? enc.active !== false : null,
+          scalabilityMode: s.scalabilityMode ?? enc?.scalabilityMode ?? null,
+          frameWidth: s.frameWidth ?? 0, frameHeight: s.frameHeight ?? 0, framesPerSecond: s.framesPerSecond ?? 0,
+          framesEncoded: s.framesEncoded ?? 0, bytesSent: s.bytesSent ?? 0, packetsSent: s.packetsSent ?? 0,
+          qualityLimitationReason: s.qualityLimitationReason ?? null,
+          targetBitrate: s.targetBitrate ?? null,
+        });
+      });
+    }
+    return out;
+  }
+
+  /** Adaptive stream: how the UI shows a received video track (`width`/`height` in device pixels,
+   *  `visible`, `pinned`). Sent to the server as `track_settings` whenever it changes, and again
+   *  whenever the track (re)appears on the subscriber connection. */
+  setTrackSettings(trackSid, { width = 0, height = 0, visible = true, pinned = false } = {}) {
+    this.#wantedSettings.set(trackSid, { width: Math.round(width), height: Math.round(height), visible, pinned });
+    this.#flushTrackSettings();
+  }
+
+  /** Forgets the UI's settings for a track it no longer shows. */
+  clearTrackSettings(trackSid) {
+    this.#wantedSettings.delete(trackSid);
   }
 
   // ---- signaling messages ----
@@ -189,7 +269,10 @@ export class Session extends EventTarget {
         this.participants.set(msg.participant.sid, toParticipant(msg.participant));
         break;
       case 'participant_left':
-        for (const t of this.participants.get(msg.sid)?.tracks.keys() ?? []) this.remote.delete(t);
+        for (const t of this.participants.get(msg.sid)?.tracks.keys() ?? []) {
+          this.remote.delete(t);
+          this.paused.delete(t);
+        }
         this.participants.delete(msg.sid);
         break;
       case 'track_published':
@@ -198,6 +281,7 @@ export class Session extends EventTarget {
       case 'track_unpublished':
         this.#participant(msg.participant)?.tracks.delete(msg.track);
         this.remote.delete(msg.track);
+        this.paused.delete(msg.track);
         break;
       case 'track_muted': {
         const track = this.#participant(msg.participant)?.tracks.get(msg.track);
@@ -210,7 +294,20 @@ export class Session extends EventTarget {
       case 'connection_state':
         this.serverStates[msg.target] = msg.state;
         break;
+      case 'track_paused':
+        this.paused.set(msg.track, msg.reason);
+        break;
+      case 'track_resumed':
+        this.paused.delete(msg.track);
+        break;
+      case 'layers':
+        this.#applyLayers(msg.track, msg.active ?? {});
+        break;
       case 'error':
+        if (msg.req != null && this.#quietReqs.delete(msg.req)) {
+          console.debug('warbler: track_settings refused', msg.code, msg.message);
+          return;
+        }
         this.#emitError(msg.code, msg.message);
         break;
       case 'leave':
@@ -241,9 +338,57 @@ export class Session extends EventTarget {
   }
 
   #addLocal(source, track, stream) {
-    const transceiver = this.#ensurePublisher().addTransceiver(track, { direction: 'sendonly', streams: [stream] });
-    this.local.set(source, { source, track, stream, transceiver, trackId: null, sid: null, muted: false });
+    const pc = this.#ensurePublisher();
+    const init = { direction: 'sendonly', streams: [stream] };
+    let transceiver;
+    let rids = null;
+    if (source === 'camera') {
+      // Simulcast, with temporal layers where the browser offers them; plain simulcast where it
+      // refuses them; a single layer as the last resort.
+      const temporal = supportsScalabilityMode(TEMPORAL_MODE);
+      const attempts = [
+        ...(temporal ? [SIMULCAST.map((e) => ({ ...e, scalabilityMode: TEMPORAL_MODE }))] : []),
+        SIMULCAST.map((e) => ({ ...e })),
+      ];
+      for (const sendEncodings of attempts) {
+        try {
+          transceiver = pc.addTransceiver(track, { ...init, sendEncodings });
+          rids = sendEncodings.map((e) => e.rid);
+          break;
+        } catch (e) {
+          console.warn('warbler: simulcast encodings refused', JSON.stringify(sendEncodings), e.name, e.message);
+        }
+      }
+    }
+    transceiver ??= pc.addTransceiver(track, init);
+    this.local.set(source, { source, track, stream, transceiver, trackId: null, sid: null, muted: false, rids });
     this.#changed();
+  }
+
+  /** `layers` from the server: stop encoding the simulcast layers nobody needs, restart the ones
+   *  someone needs again (read-modify-write of the sender's parameters, one change at a time). */
+  #applyLayers(trackSid, active) {
+    const l = [...this.local.values()].find((x) => x.sid === trackSid);
+    if (!l) return;
+    l.layersRequested = { ...active };
+    l.layerMessages = (l.layerMessages ?? 0) + 1;
+    this.#layerChain = this.#layerChain.then(async () => {
+      if (this.#ended || this.local.get(l.source) !== l) return;
+      const sender = l.transceiver.sender;
+      const params = sender.getParameters();
+      let changed = false;
+      for (const enc of params.encodings ?? []) {
+        if (enc.rid == null || !(enc.rid in l.layersRequested)) continue;
+        const want = Boolean(l.layersRequested[enc.rid]);
+        if ((enc.active !== false) !== want) {
+          enc.active = want;
+          changed = true;
+        }
+      }
+      if (changed) await sender.setParameters(params);
+      l.layersApplied = Object.fromEntries((sender.getParameters().encodings ?? []).filter((e) => e.rid != null).map((e) => [e.rid, e.active !== false]));
+      this.#changed();
+    }).catch((e) => this.#emitError('client', `Cannot change the simulcast layers: ${e.name}: ${e.message}`));
   }
 
   async #startLocalMedia() {
@@ -339,7 +484,29 @@ export class Session extends EventTarget {
       const receiving = t.currentDirection === 'recvonly' || t.currentDirection === 'sendrecv';
       if (sid && receiving) this.remote.set(sid, { track: t.receiver.track, mid: t.mid, kind: t.receiver.track.kind });
     }
+    for (const sid of this.#sentSettings.keys()) if (!this.remote.has(sid)) this.#sentSettings.delete(sid);
+    for (const sid of this.paused.keys()) if (!this.remote.has(sid)) this.paused.delete(sid);
+    this.#flushTrackSettings();
     this.#changed();
+  }
+
+  /** Sends `track_settings` for every received video track whose settings changed since last sent
+   *  (only for tracks the server already sends us: it knows no others). */
+  #flushTrackSettings() {
+    if (!this.sig?.open || this.#ended) return;
+    for (const [sid, s] of this.#wantedSettings) {
+      const r = this.remote.get(sid);
+      if (!r || r.kind !== 'video') continue;
+      const json = JSON.stringify(s);
+      if (this.#sentSettings.get(sid) === json) continue;
+      this.#sentSettings.set(sid, json);
+      const req = this.#quietReq++;
+      this.#quietReqs.add(req);
+      if (this.#quietReqs.size > 256) this.#quietReqs.delete(this.#quietReqs.values().next().value);
+      const msg = { type: 'track_settings', track: sid, visible: s.visible, pinned: s.pinned, req };
+      if (s.width > 0 && s.height > 0) Object.assign(msg, { width: s.width, height: s.height });
+      this.sig.send(msg);
+    }
   }
 
   // ---- shared plumbing ----
@@ -415,6 +582,16 @@ export class Session extends EventTarget {
       this.#changeQueued = false;
       this.dispatchEvent(new Event('change'));
     });
+  }
+}
+
+/** Whether the browser says it can encode some video codec with `mode` (e.g. 'L1T3'). */
+function supportsScalabilityMode(mode) {
+  try {
+    const codecs = RTCRtpSender.getCapabilities?.('video')?.codecs ?? [];
+    return codecs.some((c) => c.scalabilityModes?.includes(mode));
+  } catch {
+    return false;
   }
 }
 

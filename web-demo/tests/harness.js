@@ -68,13 +68,13 @@ export function issueToken(args) {
 
 /**
  * Starts `warbler serve` on a free port with a fresh data dir (plus `extraArgs`); resolves once
- * /healthz answers 200.
+ * /healthz answers 200. `listenHost` '0.0.0.0' lets pages in a network namespace reach it.
  */
-export async function startServer(extraArgs = []) {
+export async function startServer(extraArgs = [], { listenHost = '127.0.0.1' } = {}) {
   const bin = warblerBin;
   const port = await freePort();
   const dataDir = mkdtempSync(path.join(os.tmpdir(), 'warbler-web-test-'));
-  const args = ['serve', '--listen', `127.0.0.1:${port}`, '--rtc-port', '0', '--data-dir', dataDir];
+  const args = ['serve', '--listen', `${listenHost}:${port}`, '--rtc-port', '0', '--data-dir', dataDir];
   if (process.env.WARBLER_WEB_ROOT) args.push('--web-root', process.env.WARBLER_WEB_ROOT);
   args.push(...extraArgs);
   const child = spawn(bin, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { RUST_LOG: 'info', ...process.env } });
@@ -128,8 +128,8 @@ export async function startServer(extraArgs = []) {
  * Runs `body(ctx)` with a fresh server; closes every browser registered with ctx.track() and stops
  * the server afterwards, printing the server's output if the body failed.
  */
-export async function withServer(t, body, { serverArgs = [] } = {}) {
-  const server = await startServer(serverArgs);
+export async function withServer(t, body, { serverArgs = [], listenHost } = {}) {
+  const server = await startServer(serverArgs, { listenHost });
   const browsers = [];
   const ctx = { server, track: (b) => (browsers.push(b), b) };
   try {
@@ -143,9 +143,9 @@ export async function withServer(t, body, { serverArgs = [] } = {}) {
   }
 }
 
-export async function launchChromium(extraArgs = [], { without = [] } = {}) {
+export async function launchChromium(extraArgs = [], { without = [], executablePath = '/usr/bin/chromium' } = {}) {
   const args = CHROMIUM_ARGS.filter((a) => !without.includes(a)).concat(extraArgs);
-  return chromium.launch({ executablePath: '/usr/bin/chromium', args });
+  return chromium.launch({ executablePath, args });
 }
 
 export async function launchFirefox() {
