@@ -266,9 +266,15 @@ fn bench_search(a: &Args, dir: &std::path::Path) {
         store.apply(1_764_000_000_000, &ops).unwrap();
         loaded += n;
     }
+    let stored_s = started.elapsed().as_secs_f64();
+    assert!(store.wait_for_index(Duration::from_secs(1800)), "indexing finishes");
     let load_s = started.elapsed().as_secs_f64();
     let db_mb = std::fs::metadata(store.path()).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
-    println!("== search over {loaded} messages in one room (loaded in {load_s:.0} s, {:.0} msgs/s bulk; database {db_mb:.0} MB)", loaded as f64 / load_s);
+    let index_mb = std::fs::metadata(store.path().with_file_name(warbler_signaling::chat::sqlite::INDEX_FILE)).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
+    println!(
+        "== search over {loaded} messages in one room (stored in {stored_s:.0} s, indexed after {load_s:.0} s: {:.0} msgs/s bulk; messages {db_mb:.0} MB, index {index_mb:.0} MB)",
+        loaded as f64 / load_s
+    );
     let classes: &[(&str, &[&str])] = &[
         ("english 3+ chars", &["deploy", "latency", "finished", "simulcast", "rollback", "the"]),
         ("chinese 3+ chars", &["服务器", "摄像头", "为什么", "数据库"]),

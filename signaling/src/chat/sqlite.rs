@@ -12,16 +12,29 @@
 //! their own connection, so they do not sit in the writer's commit path; the writer's own
 //! auto-checkpoint only kicks in as a safety net if the WAL grows very large.
 //!
-//! Search: `messages_fts` is an FTS5 index with the `trigram` tokenizer over the message text
-//! (substring matching for any script, bm25 ranking); trigrams cannot match terms shorter than 3
-//! characters, so `messages_grams` indexes every unigram and bigram of each message as
-//! room-scoped tokens (see `text::gram_tokens`), which answers 1-2 character terms such as `世界`.
+//! Search lives in a second database, `data_dir/chat-index.sqlite3`, written by its own indexer
+//! thread, so full-text indexing (more than half of the CPU a message costs) is not on the path to
+//! the ack and runs in parallel with message commits (SQLite allows one writer per database file).
+//! Every change of a message's text (post, edit, delete) takes the next value of a global change
+//! counter `ix`, stored on the message row; the index database records the last `ix` it has
+//! indexed, in the same transaction as the index changes, and catches up from there after a
+//! restart or a crash (it is rebuilt from scratch if missing or unusable). So it needs no fsync of
+//! its own (`synchronous=NORMAL`). A search first waits (briefly) until everything acknowledged
+//! before it started is indexed, so a client finds what it has just posted.
+//!
+//! - `messages_fts`: FTS5 with the `trigram` tokenizer (substring matching for any script, bm25
+//!   ranking);
+//! - `messages_grams`: trigrams cannot match terms shorter than 3 characters, so every unigram and
+//!   bigram of each message is indexed as a token (see `text::gram_tokens`), which answers 1-2
+//!   character terms such as `世界`.
+//!
+//! Both are contentless (`contentless_delete=1`): the text is in the messages database.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tracing::warn;
@@ -32,7 +45,12 @@ use super::text::{SearchQuery, gram_token, gram_tokens, snippet};
 use super::*;
 
 pub const DB_FILE: &str = "chat.sqlite3";
-const SCHEMA_VERSION: i64 = 1;
+pub const INDEX_FILE: &str = "chat-index.sqlite3";
+const SCHEMA_VERSION: i64 = 2;
+/// Messages indexed per index transaction.
+const INDEX_BATCH: i64 = 5000;
+/// How long a search waits for the index to catch up with what was acknowledged before it.
+const SEARCH_INDEX_WAIT: Duration = Duration::from_millis(500);
 /// Reader connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
@@ -60,6 +78,8 @@ CREATE TABLE IF NOT EXISTS messages (
     mentions TEXT,
     edited_ts INTEGER,
     deleted_by TEXT,
+    -- the global change counter value of the latest change of this message's text
+    ix INTEGER NOT NULL,
     UNIQUE (room_id, seq),
     UNIQUE (room_id, author, client_id)
 );
@@ -83,23 +103,62 @@ CREATE TABLE IF NOT EXISTS mentions (
     seq INTEGER NOT NULL,
     PRIMARY KEY (room_id, identity, seq)
 ) WITHOUT ROWID;
-CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='messages', content_rowid='id', tokenize='trigram');
-CREATE VIRTUAL TABLE IF NOT EXISTS messages_grams USING fts5(grams, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 0', detail='none');
--- No triggers keep the FTS tables in step (the code does): a trigger makes every message INSERT
--- a multi-write statement with a statement savepoint, and FTS5 flushes its pending terms into a
--- new segment at every savepoint, i.e. once per message instead of once per batch.
+CREATE INDEX IF NOT EXISTS messages_by_ix ON messages (ix);
+"#;
+
+/// Version 1 (never released) indexed text in the messages database itself.
+const MIGRATE_1_TO_2: &str = r#"
 DROP TRIGGER IF EXISTS messages_fts_insert;
 DROP TRIGGER IF EXISTS messages_fts_delete;
 DROP TRIGGER IF EXISTS messages_fts_update;
+DROP TABLE IF EXISTS messages_fts;
+DROP TABLE IF EXISTS messages_grams;
+ALTER TABLE messages ADD COLUMN ix INTEGER NOT NULL DEFAULT 0;
+UPDATE messages SET ix = id;
+"#;
+
+const INDEX_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS progress (id INTEGER PRIMARY KEY CHECK (id = 1), last_ix INTEGER NOT NULL);
+INSERT OR IGNORE INTO progress (id, last_ix) VALUES (1, 0);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(text, content='', contentless_delete=1, tokenize='trigram');
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_grams USING fts5(grams, content='', contentless_delete=1, tokenize='unicode61 remove_diacritics 0', detail='none');
 "#;
 
 const MSG_COLS: &str = "id, seq, rev, client_id, author, name, text, ts, reply_to, mentions, edited_ts, deleted_by";
 
 pub struct SqliteStore {
     path: PathBuf,
-    writer: Mutex<Connection>,
+    index_path: PathBuf,
+    writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
+    progress: Arc<Progress>,
     stop_checkpointer: Arc<AtomicBool>,
+}
+
+/// The writing connection and the last value of the change counter it committed.
+struct Writer {
+    conn: Connection,
+    ix: i64,
+}
+
+/// What is committed and what is indexed, shared by the writer, the indexer and searches.
+#[derive(Default)]
+struct Progress {
+    state: Mutex<ProgressState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ProgressState {
+    committed: i64,
+    indexed: i64,
+    stop: bool,
+}
+
+impl Progress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -116,11 +175,45 @@ struct Row {
     msg: Message,
 }
 
+fn store_err(e: impl std::fmt::Display) -> ChatError {
+    ChatError::Store(e.to_string())
+}
+
+/// Opens the index database, creating it (or recreating it when it is unusable, or ahead of the
+/// messages database, e.g. after a restore from backup) as needed; returns it and its last `ix`.
+fn open_index(path: &Path, committed: i64) -> Result<(Connection, i64), ChatError> {
+    let attempt = || -> rusqlite::Result<(Connection, i64)> {
+        let c = Connection::open(path)?;
+        c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
+        c.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000; PRAGMA cache_size=-65536;")?;
+        c.execute_batch(&format!("BEGIN; {INDEX_SCHEMA} COMMIT;"))?;
+        let last: i64 = c.query_row("SELECT last_ix FROM progress WHERE id = 1", [], |r| r.get(0))?;
+        Ok((c, last))
+    };
+    match attempt() {
+        Ok((c, last)) if last <= committed => Ok((c, last)),
+        other => {
+            match other {
+                Ok((_, last)) => warn!(last, committed, "chat search index is ahead of the messages; rebuilding it"),
+                Err(e) => warn!(error = %e, "chat search index unusable; rebuilding it"),
+            }
+            for suffix in ["", "-wal", "-shm"] {
+                let mut f = path.as_os_str().to_owned();
+                f.push(suffix);
+                let _ = std::fs::remove_file(PathBuf::from(f));
+            }
+            attempt().map_err(store_err)
+        }
+    }
+}
+
 impl SqliteStore {
-    /// Opens (creating if needed) `data_dir/chat.sqlite3` and starts the checkpoint thread.
+    /// Opens (creating if needed) `data_dir/chat.sqlite3` and its search index, and starts the
+    /// checkpoint and indexer threads.
     pub fn open(data_dir: &Path) -> Result<Self, ChatError> {
         std::fs::create_dir_all(data_dir).map_err(|e| ChatError::Store(format!("{}: {e}", data_dir.display())))?;
         let path = data_dir.join(DB_FILE);
+        let index_path = data_dir.join(INDEX_FILE);
         let conn = Connection::open(&path)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -135,7 +228,21 @@ impl SqliteStore {
         if version > SCHEMA_VERSION {
             return Err(ChatError::Store(format!("{} has schema version {version}, newer than this server's {SCHEMA_VERSION}", path.display())));
         }
-        conn.execute_batch(&format!("BEGIN; {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"))?;
+        let migrate = if version == 1 { MIGRATE_1_TO_2 } else { "" };
+        conn.execute_batch(&format!("BEGIN; {migrate} {SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"))?;
+        let ix: i64 = conn.query_row("SELECT COALESCE(MAX(ix), 0) FROM messages", [], |r| r.get(0))?;
+        let (index, indexed) = open_index(&index_path, ix)?;
+        let progress = Arc::new(Progress::default());
+        {
+            let mut p = progress.lock();
+            p.committed = ix;
+            p.indexed = indexed;
+        }
+        let source = Connection::open(&path)?;
+        source.execute_batch("PRAGMA query_only=ON; PRAGMA busy_timeout=10000;")?;
+        let p2 = progress.clone();
+        std::thread::Builder::new().name("chat-indexer".into()).spawn(move || run_indexer(source, index, indexed, p2)).map_err(store_err)?;
+
         let stop = Arc::new(AtomicBool::new(false));
         let checkpointer = Connection::open(&path)?;
         checkpointer.execute_batch("PRAGMA busy_timeout=1000; PRAGMA fullfsync=ON; PRAGMA checkpoint_fullfsync=ON;")?;
@@ -150,17 +257,33 @@ impl SqliteStore {
                     }
                 }
             })
-            .map_err(|e| ChatError::Store(e.to_string()))?;
-        Ok(Self { path, writer: Mutex::new(conn), readers: Mutex::new(Vec::new()), stop_checkpointer: stop })
+            .map_err(store_err)?;
+        Ok(Self { path, index_path, writer: Mutex::new(Writer { conn, ix }), readers: Mutex::new(Vec::new()), progress, stop_checkpointer: stop })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Waits until everything committed so far is searchable; false on timeout.
+    pub fn wait_for_index(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.progress.lock();
+        let target = p.committed;
+        while p.indexed < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            p = self.progress.changed.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
     fn open_reader(&self) -> Result<Connection, ChatError> {
         let c = Connection::open(&self.path)?;
         c.execute_batch("PRAGMA query_only=ON; PRAGMA busy_timeout=10000; PRAGMA cache_size=-32768; PRAGMA mmap_size=268435456;")?;
+        c.execute("ATTACH DATABASE ?1 AS ix", [self.index_path.to_string_lossy()])?;
         Ok(c)
     }
 
@@ -182,7 +305,62 @@ impl SqliteStore {
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.stop_checkpointer.store(true, Ordering::Relaxed);
+        self.progress.lock().stop = true;
+        self.progress.changed.notify_all();
     }
+}
+
+/// The indexer thread: whenever the writer has committed changes beyond what is indexed, indexes
+/// them (in order of `ix`, up to `INDEX_BATCH` per transaction) from the messages database.
+fn run_indexer(source: Connection, mut index: Connection, mut last: i64, progress: Arc<Progress>) {
+    loop {
+        {
+            let mut p = progress.lock();
+            while p.committed <= last && !p.stop {
+                p = progress.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.stop {
+                return;
+            }
+        }
+        match index_batch(&source, &mut index, last) {
+            Ok(Some(next)) => last = next,
+            // Nothing newer is visible yet (cannot happen once committed); do not spin.
+            Ok(None) => last = progress.lock().committed,
+            Err(e) => {
+                warn!(error = %e, "chat indexing failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        }
+        progress.lock().indexed = last;
+        progress.changed.notify_all();
+    }
+}
+
+/// Indexes the messages changed after `after`; returns the last `ix` indexed.
+fn index_batch(source: &Connection, index: &mut Connection, after: i64) -> rusqlite::Result<Option<i64>> {
+    // (id, ix, text, indexed before, deleted)
+    let rows: Vec<(i64, i64, String, bool, bool)> = source
+        .prepare_cached("SELECT id, ix, text, edited_ts IS NOT NULL OR deleted_by IS NOT NULL, deleted_by IS NOT NULL FROM messages WHERE ix > ?1 ORDER BY ix LIMIT ?2")?
+        .query_map(params![after, INDEX_BATCH], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let Some(last) = rows.last().map(|r| r.1) else { return Ok(None) };
+    let tx = index.transaction()?;
+    for (id, _, text, changed, deleted) in &rows {
+        // A message never edited or deleted cannot have been indexed yet: its only change is this one.
+        if *changed {
+            tx.prepare_cached("DELETE FROM messages_fts WHERE rowid = ?1")?.execute([id])?;
+            tx.prepare_cached("DELETE FROM messages_grams WHERE rowid = ?1")?.execute([id])?;
+        }
+        if !deleted {
+            tx.prepare_cached("INSERT INTO messages_fts (rowid, text) VALUES (?1, ?2)")?.execute(params![id, text])?;
+            tx.prepare_cached("INSERT INTO messages_grams (rowid, grams) VALUES (?1, ?2)")?.execute(params![id, gram_tokens(text)])?;
+        }
+    }
+    tx.prepare_cached("UPDATE progress SET last_ix = ?1 WHERE id = 1")?.execute([last])?;
+    tx.commit()?;
+    Ok(Some(last))
 }
 
 fn room_row(c: &Connection, name: &str) -> rusqlite::Result<Option<RoomRow>> {
@@ -264,9 +442,7 @@ fn mentions_json(m: &[String]) -> Option<String> {
     if m.is_empty() { None } else { serde_json::to_string(m).ok() }
 }
 
-fn index_message(c: &Connection, room_id: i64, id: i64, seq: Seq, text: &str, mentions: &[String]) -> rusqlite::Result<()> {
-    c.prepare_cached("INSERT INTO messages_fts (rowid, text) VALUES (?1, ?2)")?.execute(params![id, text])?;
-    c.prepare_cached("INSERT INTO messages_grams (rowid, grams) VALUES (?1, ?2)")?.execute(params![id, gram_tokens(text)])?;
+fn add_mentions(c: &Connection, room_id: i64, seq: Seq, mentions: &[String]) -> rusqlite::Result<()> {
     let mut st = c.prepare_cached("INSERT OR IGNORE INTO mentions (room_id, identity, seq) VALUES (?1, ?2, ?3)")?;
     for m in mentions {
         st.execute(params![room_id, m, seq.0 as i64])?;
@@ -274,10 +450,7 @@ fn index_message(c: &Connection, room_id: i64, id: i64, seq: Seq, text: &str, me
     Ok(())
 }
 
-/// `text`: the text the message was indexed with.
-fn unindex_message(c: &Connection, room_id: i64, id: i64, seq: Seq, text: &str) -> rusqlite::Result<()> {
-    c.prepare_cached("INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', ?1, ?2)")?.execute(params![id, text])?;
-    c.prepare_cached("DELETE FROM messages_grams WHERE rowid = ?1")?.execute([id])?;
+fn remove_mentions(c: &Connection, room_id: i64, seq: Seq) -> rusqlite::Result<()> {
     c.prepare_cached("DELETE FROM mentions WHERE room_id = ?1 AND seq = ?2")?.execute(params![room_id, seq.0 as i64])?;
     Ok(())
 }
@@ -290,7 +463,8 @@ type OpResult = Result<WriteOutcome, ChatError>;
 
 /// One op inside the batch transaction. The outer error aborts the batch; the inner is this
 /// op's refusal.
-fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, op: &WriteOp) -> rusqlite::Result<OpResult> {
+/// `ix`: the change counter, advanced for every change of a message's text.
+fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, ix: &mut i64, now_ms: i64, op: &WriteOp) -> rusqlite::Result<OpResult> {
     let name = &op.room().0;
     if !rooms.contains_key(name) {
         let row = match room_row(c, name)? {
@@ -334,9 +508,10 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, 
             room.dirty = true;
             let seq = Seq(room.last_seq);
             let rev = Rev(room.rev);
+            *ix += 1;
             c.prepare_cached(
-                "INSERT INTO messages (room_id, seq, rev, client_id, author, name, text, ts, reply_to, mentions)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO messages (room_id, seq, rev, client_id, author, name, text, ts, reply_to, mentions, ix)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 room.id,
@@ -348,10 +523,10 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, 
                 text,
                 now_ms,
                 reply_to.map(|s| s.0 as i64),
-                mentions_json(mentions)
+                mentions_json(mentions),
+                *ix
             ])?;
-            let id = c.last_insert_rowid();
-            index_message(c, room.id, id, seq, text, mentions)?;
+            add_mentions(c, room.id, seq, mentions)?;
             let room = *room;
             let mentioned = mentions.iter().map(|m| Ok((m.clone(), read_state_in(c, &room, m)?))).collect::<rusqlite::Result<Vec<_>>>()?;
             let message = Message {
@@ -378,15 +553,17 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, 
             }
             room.rev += 1;
             room.dirty = true;
-            c.prepare_cached("UPDATE messages SET text = ?1, edited_ts = ?2, rev = ?3, mentions = ?4 WHERE id = ?5")?.execute(params![
+            *ix += 1;
+            c.prepare_cached("UPDATE messages SET text = ?1, edited_ts = ?2, rev = ?3, mentions = ?4, ix = ?5 WHERE id = ?6")?.execute(params![
                 text,
                 now_ms,
                 room.rev as i64,
                 mentions_json(mentions),
+                *ix,
                 row.id
             ])?;
-            unindex_message(c, room.id, row.id, *seq, &row.msg.text)?;
-            index_message(c, room.id, row.id, *seq, text, mentions)?;
+            remove_mentions(c, room.id, *seq)?;
+            add_mentions(c, room.id, *seq, mentions)?;
             let room = *room;
             let mentioned = mentions.iter().map(|m| Ok((m.clone(), read_state_in(c, &room, m)?))).collect::<rusqlite::Result<Vec<_>>>()?;
             let message = load_by_id(c, row.id)?.expect("row just updated").msg;
@@ -399,12 +576,14 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, now_ms: i64, 
             }
             room.rev += 1;
             room.dirty = true;
-            c.prepare_cached("UPDATE messages SET text = '', mentions = NULL, deleted_by = ?1, rev = ?2 WHERE id = ?3")?.execute(params![
+            *ix += 1;
+            c.prepare_cached("UPDATE messages SET text = '', mentions = NULL, deleted_by = ?1, rev = ?2, ix = ?3 WHERE id = ?4")?.execute(params![
                 identity,
                 room.rev as i64,
+                *ix,
                 row.id
             ])?;
-            unindex_message(c, room.id, row.id, *seq, &row.msg.text)?;
+            remove_mentions(c, room.id, *seq)?;
             c.prepare_cached("DELETE FROM reactions WHERE message_id = ?1")?.execute([row.id])?;
             Ok(Ok(WriteOutcome::Deleted { seq: *seq, rev: Rev(room.rev), by: identity.clone() }))
         }
@@ -453,12 +632,13 @@ fn unreachable_post() -> ChatError {
 
 impl ChatStore for SqliteStore {
     fn apply(&self, now_ms: i64, ops: &[WriteOp]) -> Result<Vec<OpResult>, ChatError> {
-        let mut conn = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ix = w.ix;
+        let tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut rooms: HashMap<String, RoomRow> = HashMap::new();
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
-            out.push(apply_one(&tx, &mut rooms, now_ms, op)?);
+            out.push(apply_one(&tx, &mut rooms, &mut ix, now_ms, op)?);
         }
         {
             let mut st = tx.prepare_cached("UPDATE rooms SET last_seq = ?1, rev = ?2 WHERE id = ?3")?;
@@ -467,6 +647,11 @@ impl ChatStore for SqliteStore {
             }
         }
         tx.commit()?;
+        if ix != w.ix {
+            w.ix = ix;
+            self.progress.lock().committed = ix;
+            self.progress.changed.notify_all();
+        }
         Ok(out)
     }
 
@@ -496,13 +681,16 @@ impl ChatStore for SqliteStore {
     }
 
     fn search(&self, room: &RoomName, q: &SearchQuery, limit: usize, window: usize) -> Result<Vec<SearchHit>, ChatError> {
+        // Read your writes: what was acknowledged before this search is in the index (unless the
+        // indexer is far behind, then the newest messages may be missing).
+        self.wait_for_index(SEARCH_INDEX_WAIT);
         self.with_reader(|c| {
             let Some(r) = room_row(c, &room.0)? else { return Ok(vec![]) };
             // (message id, score) of the newest `window` candidates.
             let candidates: Vec<(i64, f64)> = match q.fts_expression() {
                 Some(expr) => c
                     .prepare_cached(
-                        "SELECT messages_fts.rowid, -bm25(messages_fts) FROM messages_fts CROSS JOIN messages m ON m.id = messages_fts.rowid
+                        "SELECT messages_fts.rowid, -bm25(messages_fts) FROM ix.messages_fts CROSS JOIN messages m ON m.id = messages_fts.rowid
                          WHERE messages_fts MATCH ?1 AND m.room_id = ?2 ORDER BY messages_fts.rowid DESC LIMIT ?3",
                     )?
                     .query_map(params![expr, r.id, window as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -510,7 +698,7 @@ impl ChatStore for SqliteStore {
                 None => {
                     let token = format!("\"{}\"", gram_token(&q.short_gram()));
                     c.prepare_cached(
-                        "SELECT messages_grams.rowid FROM messages_grams CROSS JOIN messages m ON m.id = messages_grams.rowid
+                        "SELECT messages_grams.rowid FROM ix.messages_grams CROSS JOIN messages m ON m.id = messages_grams.rowid
                          WHERE messages_grams MATCH ?1 AND m.room_id = ?2 ORDER BY messages_grams.rowid DESC LIMIT ?3",
                     )?
                     .query_map(params![token, r.id, window as i64], |row| Ok((row.get(0)?, 0.0)))?
@@ -537,7 +725,8 @@ impl ChatStore for SqliteStore {
                         continue;
                     }
                 }
-                if let Some(row) = load_by_id(c, id)? {
+                // The index may lag an edit or delete by a moment: check the current text.
+                if let Some(row) = load_by_id(c, id)?.filter(|r| !r.msg.deleted && q.matches(&r.msg.text)) {
                     hits.push((score, row));
                 }
             }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use warbler_sfu::ids::{ParticipantId, RoomName};
 
 use super::service::{Actor, deliveries};
-use super::sqlite::SqliteStore;
+use super::sqlite::{self, SqliteStore};
 use super::store::ChatStore;
 use super::text::SearchQuery;
 use super::transport::{DeliveryFailure, Member, Transport};
@@ -530,4 +530,60 @@ fn delivery_table() {
         }).collect();
         assert_eq!(got, want, "{outcome:?}");
     }
+}
+
+#[test]
+fn search_index_catches_up_after_restart_and_is_rebuilt_when_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = |s: &SqliteStore, text: &str| {
+        let mut v: Vec<u64> = s.search(&room("r"), &SearchQuery::parse(text).unwrap(), 50, 1000).unwrap().iter().map(|h| h.message.seq.0).collect();
+        v.sort_unstable();
+        v
+    };
+    {
+        let s = SqliteStore::open(dir.path()).unwrap();
+        let batch: Vec<WriteOp> = (1..=40).map(|i| post("r", "alice", &format!("c{i}"), &format!("needle {i} 世界"))).collect();
+        s.apply(1, &batch).unwrap();
+        s.apply(2, &[WriteOp::Edit { room: room("r"), identity: "alice".into(), seq: Seq(2), text: "changed".into(), mentions: vec![] }]).unwrap();
+        s.apply(3, &[WriteOp::Delete { room: room("r"), identity: "alice".into(), admin: false, seq: Seq(3) }]).unwrap();
+        // Dropped at once: the indexer may not have indexed any of it.
+    }
+    let want: Vec<u64> = (1..=40).filter(|s| *s != 2 && *s != 3).collect();
+    {
+        let s = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(q(&s, "needle"), want, "the index caught up after the restart");
+        assert_eq!(q(&s, "世界"), want);
+        assert_eq!(q(&s, "changed"), vec![2]);
+    }
+    for f in [sqlite::INDEX_FILE, "chat-index.sqlite3-wal", "chat-index.sqlite3-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let s = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(q(&s, "needle"), want, "a lost index is rebuilt from the messages");
+    assert_eq!(q(&s, "changed"), vec![2]);
+    assert!(s.wait_for_index(Duration::from_secs(5)));
+}
+
+#[test]
+fn a_version_1_database_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let c = rusqlite::Connection::open(dir.path().join(sqlite::DB_FILE)).unwrap();
+        c.execute_batch(
+            "CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, last_seq INTEGER NOT NULL DEFAULT 0, rev INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE messages (id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, seq INTEGER NOT NULL, rev INTEGER NOT NULL, client_id TEXT NOT NULL,
+                 author TEXT NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, ts INTEGER NOT NULL, reply_to INTEGER, mentions TEXT, edited_ts INTEGER,
+                 deleted_by TEXT, UNIQUE (room_id, seq), UNIQUE (room_id, author, client_id));
+             CREATE VIRTUAL TABLE messages_fts USING fts5(text, content='messages', content_rowid='id', tokenize='trigram');
+             INSERT INTO rooms VALUES (1, 'r', 1, 1);
+             INSERT INTO messages (room_id, seq, rev, client_id, author, name, text, ts) VALUES (1, 1, 1, 'c1', 'alice', 'A', 'old deployment', 5);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let s = SqliteStore::open(dir.path()).unwrap();
+    let hits = s.search(&room("r"), &SearchQuery::parse("deploy").unwrap(), 5, 100).unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(posted(one(&s, post("r", "alice", "c2", "new deployment"))), (2, false));
+    assert_eq!(s.search(&room("r"), &SearchQuery::parse("deploy").unwrap(), 5, 100).unwrap().len(), 2);
 }
