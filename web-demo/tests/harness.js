@@ -1,7 +1,7 @@
 // Test harness: starts a fresh warbler server per test, launches Chromium (playwright-core) and
 // Firefox (puppeteer-core), joins rooms through the UI and polls the page's `window.warbler` hook.
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -108,6 +108,8 @@ export async function startServer(extraArgs = [], { listenHost = '127.0.0.1' } =
       }
       process.off('exit', killOnExit);
       rmSync(dataDir, { recursive: true, force: true });
+      // WARBLER_TEST_LOG_DIR=DIR keeps every server's output (DIR/warbler-PORT.log), pass or fail.
+      if (process.env.WARBLER_TEST_LOG_DIR) writeFileSync(path.join(process.env.WARBLER_TEST_LOG_DIR, `warbler-${port}.log`), output);
     },
   };
   try {
@@ -149,7 +151,10 @@ export async function launchChromium(extraArgs = [], { without = [], executableP
 }
 
 export async function launchFirefox() {
-  return puppeteer.launch({ browser: 'firefox', executablePath: '/usr/bin/firefox-esr', headless: true, extraPrefsFirefox: FIREFOX_PREFS });
+  // The same page size as Playwright's Chromium pages (puppeteer's default is 800x600, where a
+  // third tile is below the fold and adaptive stream rightly pauses it as hidden).
+  return puppeteer.launch({ browser: 'firefox', executablePath: '/usr/bin/firefox-esr', headless: true, extraPrefsFirefox: FIREFOX_PREFS,
+    defaultViewport: { width: 1280, height: 720 } });
 }
 
 /** Opens the demo in a new page; browser console errors are echoed with a label. */
