@@ -222,7 +222,7 @@ fn bench_open_loop(rate: u64, seconds: u64, dir: &std::path::Path) {
             .find(|f| f.name() == "warbler_chat_store_seconds")
             .map(|f| {
                 let hist = f.get_metric()[0].get_histogram();
-                let under = |le: f64| hist.get_bucket().iter().find(|b| (b.get_upper_bound() - le).abs() < 1e-9).map_or(0, |b| b.get_cumulative_count());
+                let under = |le: f64| hist.get_bucket().iter().find(|b| (b.upper_bound() - le).abs() < 1e-9).map_or(0, |b| b.cumulative_count());
                 (hist.get_sample_count() - under(0.02), hist.get_sample_count() - under(0.1))
             })
             .unwrap_or_default();

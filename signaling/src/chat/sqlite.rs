@@ -482,7 +482,8 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, ix: &mut i64,
             None => {
                 return Ok(Err(match op {
                     WriteOp::Edit { seq, .. } | WriteOp::Delete { seq, .. } | WriteOp::React { seq, .. } | WriteOp::Read { seq, .. } => not_found(*seq),
-                    WriteOp::Post { .. } => unreachable_post(),
+                    // Posts create their room above.
+                    WriteOp::Post { .. } => ChatError::Store("room row missing for a post".into()),
                 }));
             }
         }
@@ -624,10 +625,6 @@ fn apply_one(c: &Connection, rooms: &mut HashMap<String, RoomRow>, ix: &mut i64,
             Ok(Ok(WriteOutcome::Read { identity: identity.clone(), state, changed }))
         }
     }
-}
-
-fn unreachable_post() -> ChatError {
-    ChatError::Store("room row missing for a post".into())
 }
 
 impl ChatStore for SqliteStore {

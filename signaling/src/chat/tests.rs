@@ -512,7 +512,8 @@ fn delivery_table() {
     let rs = ReadState { last_read: Seq(1), unread_mentions: 0, latest_seq: Seq(1) };
     let c = |outcome: WriteOutcome| Committed { op: post("r", "alice", "c", "t"), outcome, origin: Some(ParticipantId(1)) };
     let p = |ids: &[u64]| ids.iter().map(|&i| ParticipantId(i)).collect::<Vec<_>>();
-    let cases: Vec<(WriteOutcome, Vec<(Vec<ParticipantId>, &str)>)> = vec![
+    type Expected = Vec<(Vec<ParticipantId>, &'static str)>;
+    let cases: Vec<(WriteOutcome, Expected)> = vec![
         (WriteOutcome::Posted { message: msg.clone(), duplicate: false, mentioned: vec![] }, vec![(p(&[2, 3]), "chat")]),
         (WriteOutcome::Posted { message: msg.clone(), duplicate: true, mentioned: vec![] }, vec![]),
         (WriteOutcome::Posted { message: msg.clone(), duplicate: false, mentioned: vec![("bob".into(), rs)] }, vec![(p(&[2, 3]), "chat"), (p(&[2, 3]), "read_state")]),
