@@ -59,10 +59,11 @@ wait_quiet() {
   done
   say "load still $(cut -d' ' -f1 /proc/loadavg): measuring anyway"
 }
-wait_quiet
+wait_quiet 12
 say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/environment.txt"
-{ echo "cores=$CPUS sfu_cpu=$SFU_CPU tester_cpu=$TESTER_CPU"; uname -a; grep -m1 'model name' /proc/cpuinfo; janus --version 2>/dev/null | head -2; git -C "$ROOT" log -1 --format='warbler commit %H %s'; } >> "$OUT/environment.txt"
+{ echo "cores=$CPUS sfu_cpu=$SFU_CPU tester_cpu=$TESTER_CPU"; uname -a; grep -m1 'model name' /proc/cpuinfo;
+  (janus --version 2>/dev/null || true) | head -2; git -C "$ROOT" log -1 --format='warbler commit %H %s'; } >> "$OUT/environment.txt" || true
 
 # --- Floor -------------------------------------------------------------------------------
 if [ "$SKIP_FLOOR" = 0 ] && [ -d "$FLOOR_DIR" ]; then
@@ -96,23 +97,21 @@ if [ "$SKIP_PROFILE" = 0 ]; then
   wait_quiet 6
   PORT=18200
   if command -v perf >/dev/null && perf record -e cpu-clock -o /dev/null true >/dev/null 2>&1; then
-    say "profile: perf record (cpu-clock) of warbler during the video scenario"
+    say "profile: perf record (cpu-clock, DWARF call graphs) of warbler during livestream with 300 subscribers"
     taskset -c "$SFU_CPU" "$WARBLER" serve --listen 127.0.0.1:$PORT --rtc-port $((PORT+1)) --public-ip 127.0.0.1 \
       --data-dir "$(mktemp -d)" 2>>"$LOG" &
     WPID=$!
     sleep 2
-    perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$WPID" -o "$OUT/raw/perf.data" -- sleep $((DURATION + 15)) >>"$LOG" 2>&1 &
+    perf record -e cpu-clock -F 999 --call-graph dwarf,16384 -p "$WPID" -o "$OUT/raw/perf.data" -- sleep $((DURATION + 30)) >>"$LOG" 2>&1 &
     PPID_=$!
-    $PIN "$LT" run --target warbler --scenario video --duration "$DURATION" --warbler-url http://127.0.0.1:$PORT \
-      --warbler-pid "$WPID" --out "$OUT/raw/profile" --no-progress 2>>"$LOG" | tee -a "$LOG" || true
+    $PIN "$LT" run --target warbler --scenario livestream --subscribers 300 --join-rate 50 --duration "$DURATION" \
+      --warbler-url http://127.0.0.1:$PORT --warbler-pid "$WPID" --out "$OUT/raw/profile" --no-progress 2>>"$LOG" | tee -a "$LOG" || true
     wait "$PPID_" || true
     kill -TERM "$WPID" 2>/dev/null || true; wait "$WPID" 2>/dev/null || true
-    perf report -i "$OUT/raw/perf.data" --no-children --percent-limit 0.7 --stdio --sort symbol 2>/dev/null \
-      | grep -v '^$' | head -80 > "$OUT/profile-warbler.txt" || true
-    perf report -i "$OUT/raw/perf.data" --children --percent-limit 2 --stdio --sort symbol -g none 2>/dev/null \
-      | grep -v '^$' | head -80 > "$OUT/profile-warbler-inclusive.txt" || true
-    perf report -i "$OUT/raw/perf.data" --no-children --percent-limit 3 --stdio --sort symbol -g caller,0.5,callee,function,percent --max-stack 12 2>/dev/null \
-      | grep -v '^$' | head -300 > "$OUT/profile-warbler-callers.txt" || true
+    perf report -i "$OUT/raw/perf.data" --no-children --percent-limit 0.5 --stdio --sort symbol -g none 2>/dev/null \
+      | grep '%' | sed 's/ *$//' | cut -c1-200 > "$OUT/profile-warbler.txt" || true
+    perf report -i "$OUT/raw/perf.data" --children --percent-limit 1 --stdio --sort symbol -g none 2>/dev/null \
+      | grep '%' | sed 's/ *$//' | cut -c1-200 > "$OUT/profile-warbler-inclusive.txt" || true
   elif command -v valgrind >/dev/null; then
     say "profile: valgrind callgrind of warbler (small load: it runs ~50x slower)"
     valgrind --tool=callgrind --callgrind-out-file="$OUT/raw/callgrind.out" "$WARBLER" serve --listen 127.0.0.1:$PORT \
@@ -136,7 +135,7 @@ echo "load_at_end=$(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/environment.txt"
   for f in "$OUT"/raw/compare-*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
   for f in "$OUT"/raw/capacity-*.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
   if [ -f "$OUT/floor.txt" ]; then echo; echo "## Floor (../shared/tools/floor, same sitting)"; echo '```'; cat "$OUT/floor.txt"; echo '```'; fi
-  if [ -f "$OUT/profile-warbler.txt" ]; then echo; echo "## Warbler profile (video scenario, self time)"; echo '```'; head -60 "$OUT/profile-warbler.txt"; echo '```'; fi
+  if [ -f "$OUT/profile-warbler.txt" ]; then echo; echo "## Warbler profile (livestream, 300 subscribers; self time)"; echo '```'; head -60 "$OUT/profile-warbler.txt"; echo '```'; fi
 } > "$OUT/summary.md"
 # Keep the committed results small: the JSON and HTML per run, not perf.data.
 rm -f "$OUT/raw/perf.data" "$OUT/raw/perf.data.old"

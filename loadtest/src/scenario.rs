@@ -215,6 +215,8 @@ pub struct RunResult {
     pub freezes: u64,
     pub frozen_ms: f64,
     pub video_tracks: usize,
+    /// Video tracks by the highest layer they received (simulcast): count per layer index.
+    pub video_layers_received: BTreeMap<u8, usize>,
     pub audio_tracks: usize,
     pub chat_sent: u64,
     pub chat_received: u64,
@@ -518,6 +520,10 @@ pub async fn run(sc: &Scenario, target: &Target, lib: Arc<Library>, tag: &str, j
         freezes: tracks.iter().map(|t| t.freezes).sum(),
         frozen_ms: tracks.iter().map(|t| t.frozen_ms).sum(),
         video_tracks: tracks.iter().filter(|t| t.kind == crate::world::Kind::Video).count(),
+        video_layers_received: tracks.iter().filter_map(|t| t.layers.iter().max().copied()).fold(BTreeMap::new(), |mut m, l| {
+            *m.entry(l).or_insert(0) += 1;
+            m
+        }),
         audio_tracks: tracks.iter().filter(|t| t.kind == crate::world::Kind::Audio).count(),
         chat_sent: snap.chat_sent,
         chat_received: snap.chat_received,

@@ -176,6 +176,8 @@ pub struct TrackResult {
     pub freezes: u64,
     pub frozen_ms: f64,
     pub time_to_first_packet_ms: Option<f64>,
+    /// Video: which of the publisher's layers (0 = first in the scenario) arrived.
+    pub layers: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -972,6 +974,7 @@ fn track_result(subscriber: usize, joined_at: Instant, t: &mut RecvTrack) -> Tra
         freezes: t.freeze.freezes,
         frozen_ms: t.freeze.frozen.as_secs_f64() * 1000.0,
         time_to_first_packet_ms: t.first_at.map(|f| f.saturating_duration_since(joined_at).as_secs_f64() * 1000.0),
+        layers: (1..8u8).filter(|l| t.layers_seen & (1 << l) != 0).map(|l| l - 1).collect(),
     }
 }
 
