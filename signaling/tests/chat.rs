@@ -235,7 +235,9 @@ async fn rest_api_posts_pages_searches_and_refuses_clearly() {
     assert_eq!(v["results"].as_array().unwrap().iter().map(|h| h["message"]["seq"].as_u64().unwrap()).collect::<Vec<_>>(), vec![12, 11, 10]);
 
     let other_room = srv.token("elsewhere", "deploybot", "chat");
-    let cases: Vec<(&str, &str, Option<&str>, Option<(&str, String)>, u16, &str)> = vec![
+    // (what, path, token, body (content type, text), status, code)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         ("no token", "/api/rooms/ops/messages", None, None, 401, "unauthorized"),
         ("forged token", "/api/rooms/ops/messages", Some("a.b.c"), None, 401, "unauthorized"),
         ("other room", "/api/rooms/ops/messages", Some(&other_room), None, 403, "forbidden"),
