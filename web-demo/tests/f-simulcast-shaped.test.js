@@ -11,6 +11,7 @@
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { withServer, launchChromium, openPage, joinViaUi, waitFlowing, poll, state } from './harness.js';
 import { netnsUnavailable, createNetns, scrapeMetrics } from './netns.js';
@@ -124,6 +125,7 @@ test('F: a subscriber on a 500 kbit/s link gets a lower simulcast layer and clim
             return v.length ? `min ${Math.round(Math.min(...v) / 1000)}k / median ${Math.round(v.sort((a, b) => a - b)[v.length >> 1] / 1000)}k / max ${Math.round(Math.max(...v) / 1000)}k` : 'none';
           };
           const fmt = (x) => `widths ${x.widths?.join('/')}, ${x.fps} fps, freezes ${x.freezes} (${x.freezeSeconds} s, longest ${x.maxFreezeMs} ms), longest stall ${x.maxStallMs} ms, lost ${x.packetsLost}/${x.packetsReceived + x.packetsLost} (${x.lossPct}%)`;
+          say(`load average (1/5/15 min) at the end: ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} on ${os.cpus().length} CPUs`);
           say(`phase 1 (unshaped, ${((p2 - p1) / 1000).toFixed(1)} s): shaped ${fmt(ph1.shaped)}; unshaped ${fmt(ph1.clear)}; estimate(shaped) ${est(p1, p2)}`);
           say(`phase 2 (${CAP} cap, ${((p3 - p2) / 1000).toFixed(1)} s): shaped ${fmt(ph2.shaped)}; unshaped ${fmt(ph2.clear)}; estimate(shaped) ${est(p2, p3)}`);
           say(`phase 3 (lifted, ${((p4 - p3) / 1000).toFixed(1)} s): shaped ${fmt(ph3.shaped)}; unshaped ${fmt(ph3.clear)}; estimate(shaped) ${est(p3, p4)}`);

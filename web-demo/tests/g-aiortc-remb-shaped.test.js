@@ -7,6 +7,7 @@ import test from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { withServer, launchChromium, openPage, joinViaUi, poll, state, repoRoot } from './harness.js';
@@ -139,6 +140,7 @@ test('G: an aiortc (REMB-only) WHEP viewer on a 500 kbit/s link drops to a lower
           await sleep(3000);
           const p4 = Date.now();
 
+          t.diagnostic(`load average (1/5/15 min) at the end: ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} on ${os.cpus().length} CPUs`);
           t.diagnostic(`unshaped: ${upInitially ? 'reached 1280' : 'never reached 1280'}; widths ${[...new Set(widthAt(p1, p2))].join('/')}; estimate ${estAt(p1, p2)}`);
           t.diagnostic(`cap ${CAP}: first width below ${before} after ${downMs ?? 'never'} ms; longest stall ${stallMs(p2, p3)} ms; widths in the last 5 s ${[...new Set(underCap)].join('/')}; frames decoded there ${framesCapped[1] - framesCapped[0]}; estimate (REMB) ${estAt(p2, p3)}`);
           t.diagnostic(`lifted: back at 1280 after ${upMs ?? 'never (within ' + UP_BOUND_MS + ' ms)'} ms; longest stall ${stallMs(p3, p4)} ms; estimate (REMB) ${estAt(p3, p4)}`);

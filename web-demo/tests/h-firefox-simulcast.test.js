@@ -28,7 +28,7 @@ test('H: Firefox simulcast (l/m/h) is forwarded at the layer the Chromium tile n
     const ff = await openPage(firefox, `${server.url}/?room=${room}`, 'firefox');
     const cr = await openPage(chromium, `${server.url}/?room=${room}&publish=0`, 'chromium');
     const sf = await joinViaUi(ff, room, 'Fox');
-    const cam = sf.local.find((l) => l.source === 'camera');
+    const cam = await poll('Firefox to publish its camera', async () => (await state(ff)).local.find((l) => l.source === 'camera' && l.sid));
     assert.deepEqual(cam?.rids, ['l', 'm', 'h'], 'Firefox publishes its camera with rids l, m, h');
     await joinViaUi(cr, room, 'Viewer');
 
