@@ -15,7 +15,8 @@ pub enum SourceError {
     Opus(#[from] opus::Error),
 }
 
-/// A synthetic camera: a gradient with a moving bar, encoded as constrained-baseline H.264
+/// A synthetic camera: a gradient with a moving bar and sensor-like noise (so the encoder spends
+/// a realistic bitrate, as with a real camera), encoded as constrained-baseline H.264
 /// (profile-level-id 42e01f, what browsers accept everywhere).
 pub struct H264Source {
     encoder: Encoder,
@@ -58,10 +59,15 @@ impl H264Source {
         let (w, h) = (self.width, self.height);
         let bar = (self.frame as usize * 8) % w.max(1);
         let mut data = vec![0u8; w * h * 3 / 2];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ self.frame.wrapping_mul(0x2545_f491_4f6c_dd1d);
         for y in 0..h {
             for x in 0..w {
-                let v = if x.abs_diff(bar) < 16 { 235 } else { ((x + y) * 255 / (w + h)) as u8 };
-                data[y * w + x] = v;
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let base = if x.abs_diff(bar) < 16 { 200 } else { ((x + y) * 200 / (w + h)) as i32 };
+                let noise = (rng & 0x7) as i32 - 4;
+                data[y * w + x] = (base + noise).clamp(16, 235) as u8;
             }
         }
         for v in data[w * h..].iter_mut() {

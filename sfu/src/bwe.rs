@@ -31,7 +31,12 @@ const RATE_CONTROL_INTERVAL: Duration = Duration::from_millis(200);
 /// The delay-based estimate may not run ahead of what the path has carried by more than this.
 const ACKED_HEADROOM: f64 = 1.5;
 const HIGH_LOSS: f64 = 0.10;
+
+/// The loss-based bound moves at most this often (GCC: once per RTT + 300 ms).
+const LOSS_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_DURATION: Duration = Duration::from_millis(250);
+/// Packets sent this soon after a probe still meet the queue the probe built.
+const PROBE_LOSS_GRACE: Duration = Duration::from_millis(300);
 /// A probe's packets must be reported within this long after it ends, or it failed.
 const PROBE_RESULT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Feedback this stale means TWCC stopped (or never started).
@@ -203,10 +208,11 @@ impl AckedRate {
     }
 
     fn bps(&self) -> Option<f64> {
-        // Only once the window is mostly covered, or a short burst reads as a huge rate.
-        let (first, last) = (self.window.front()?.0, self.window.back()?.0);
-        let span = last.saturating_sub(first);
-        (span >= ACKED_WINDOW / 2).then(|| self.bytes as f64 * 8.0 / ACKED_WINDOW.as_secs_f64())
+        // Over the span the packets arrived in (the first packet's bytes belong before it), and
+        // only once the span is long enough that a burst does not read as a huge rate.
+        let (first, last) = (self.window.front()?, self.window.back()?.0);
+        let span = last.saturating_sub(first.0);
+        (span >= ACKED_WINDOW / 2).then(|| (self.bytes - first.1) as f64 * 8.0 / span.as_secs_f64())
     }
 }
 
@@ -268,12 +274,18 @@ pub struct Estimator {
     last_decrease_rate: Option<f64>,
     increasing: bool,
     loss_avg: f64,
+    /// Packets reported lost / reported at all since the loss-based bound last moved.
+    interval_lost: usize,
+    interval_total: usize,
     remb: Option<f64>,
     last_feedback: Option<Instant>,
     probe: Option<Probe>,
     /// Reports held back for the running probe's evaluation: (id, departure, arrival, size).
     probe_reports: Vec<(u64, Instant, Duration, usize)>,
     last_outcome: Option<(Instant, ProbeOutcome)>,
+    /// Send-time windows of recent probes: what was lost then is the probe's doing, not a loss
+    /// rate of the path at the estimate.
+    probe_windows: VecDeque<(Instant, Instant)>,
 }
 
 impl Default for Estimator {
@@ -298,11 +310,14 @@ impl Estimator {
             last_decrease_rate: None,
             increasing: false,
             loss_avg: 0.0,
+            interval_lost: 0,
+            interval_total: 0,
             remb: None,
             last_feedback: None,
             probe: None,
             probe_reports: Vec::new(),
             last_outcome: None,
+            probe_windows: VecDeque::new(),
         }
     }
 
@@ -359,8 +374,14 @@ impl Estimator {
         }
         self.mode = Mode::TransportCc;
         self.last_feedback = Some(now);
-        let mut lost = 0usize;
         for r in reports {
+            let in_probe = self.probe_windows.iter().any(|(a, b)| r.departure >= *a && r.departure <= *b + PROBE_LOSS_GRACE);
+            if !in_probe {
+                self.interval_total += 1;
+                if !r.arrived {
+                    self.interval_lost += 1;
+                }
+            }
             match (r.arrived, r.arrival) {
                 (true, Some(arrival)) => {
                     self.acked.add(arrival, r.size);
@@ -372,7 +393,7 @@ impl Estimator {
                         self.probe_reports.push((r.id, r.departure, arrival, r.size));
                     }
                 }
-                _ => lost += 1,
+                _ => {}
             }
         }
         if let Some(p) = self.probe.as_mut()
@@ -380,11 +401,9 @@ impl Estimator {
         {
             p.overuse_seen = true;
         }
-        let sample = lost as f64 / reports.len() as f64;
-        self.loss_avg = 0.8 * self.loss_avg + 0.2 * sample;
         let acked = self.acked.bps();
         self.rate_control(now, acked);
-        self.loss_control(now);
+        self.loss_control(now, acked);
         self.evaluate_probe(now);
     }
 
@@ -426,19 +445,32 @@ impl Estimator {
         }
     }
 
-    /// The loss-based bound: cut when more than 10% is lost, relax when under 2%.
-    fn loss_control(&mut self, now: Instant) {
-        if self.last_loss_change.is_some_and(|t| now.saturating_duration_since(t) < RATE_CONTROL_INTERVAL) {
+    /// The loss-based bound (GCC): each interval, the fraction lost *in that interval* p; above
+    /// 10% the bound becomes the current estimate × (1 − p/2), under 2% it grows 8%. Judging each
+    /// loss once keeps one burst (a keyframe overflowing a queue) from being punished again and
+    /// again while the rate is already down.
+    fn loss_control(&mut self, now: Instant, _acked: Option<f64>) {
+        if self.last_loss_change.is_some_and(|t| now.saturating_duration_since(t) < LOSS_INTERVAL) {
             return;
         }
+        if self.interval_total < 20 {
+            return;
+        }
+        self.loss_avg = self.interval_lost as f64 / self.interval_total as f64;
+        self.interval_lost = 0;
+        self.interval_total = 0;
         if self.loss_avg > HIGH_LOSS {
-            self.loss_target = (self.loss_target.min(self.target) * (1.0 - 0.5 * self.loss_avg)).clamp(MIN_BPS, MAX_BPS);
+            let current = self.loss_target.min(self.target);
+            // At most a 30% cut per interval, however bad the loss.
+            self.loss_target = (current * (1.0 - 0.5 * self.loss_avg.min(0.6))).clamp(MIN_BPS, MAX_BPS);
             self.last_loss_change = Some(now);
         } else if self.loss_avg < 0.02 && self.loss_target < MAX_BPS {
             self.loss_target = (self.loss_target * 1.08).min(MAX_BPS);
             if self.loss_target > self.target * 2.0 {
                 self.loss_target = MAX_BPS;
             }
+            self.last_loss_change = Some(now);
+        } else {
             self.last_loss_change = Some(now);
         }
     }
@@ -466,8 +498,8 @@ impl Estimator {
             self.mode = Mode::LossOnly;
         }
         let loss = f64::from(fraction_lost) / 256.0;
-        self.loss_avg = 0.7 * self.loss_avg + 0.3 * loss;
         if self.mode == Mode::LossOnly {
+            self.loss_avg = 0.7 * self.loss_avg + 0.3 * loss;
             // No other signal: loss moves the estimate itself.
             if self.last_change.is_some_and(|t| now.saturating_duration_since(t) < RATE_CONTROL_INTERVAL) {
                 return;
@@ -479,7 +511,10 @@ impl Estimator {
             }
             self.last_change = Some(now);
         } else {
-            self.loss_control(now);
+            // A receiver report covers its own interval: judge it as such.
+            self.interval_total = 100;
+            self.interval_lost = (loss * 100.0).round() as usize;
+            self.loss_control(now, None);
         }
     }
 
@@ -489,6 +524,10 @@ impl Estimator {
             return;
         }
         self.probe_reports.clear();
+        self.probe_windows.push_back((now, now + PROBE_DURATION));
+        while self.probe_windows.len() > 4 {
+            self.probe_windows.pop_front();
+        }
         self.probe = Some(Probe { target_bps, start: now, end: now + PROBE_DURATION, sent_bytes: 0, overuse_seen: false, first_id: None, last_id: None });
     }
 

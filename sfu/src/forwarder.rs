@@ -375,6 +375,12 @@ impl Forwarder {
         self.munger.insert()
     }
 
+    /// Output (seq, ts) for a padding packet sent while nothing is forwarded (a paused track
+    /// probing for bandwidth); the stream continues after it when the track resumes.
+    pub fn insert_padding_paused(&mut self) -> (u64, u64) {
+        self.munger.insert_unanchored()
+    }
+
     /// Maps a NACKed output sequence number to the source packet to resend, and the output
     /// timestamp it must carry.
     pub fn retransmission(&self, out_wire_seq: u16, in_ext_ts: impl FnOnce(SourceKey, u64) -> Option<u64>) -> Option<Retransmit> {

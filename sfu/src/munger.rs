@@ -177,6 +177,16 @@ impl Munger {
         Some((out_seq, self.last_out_ts))
     }
 
+    /// Takes the next output sequence number with or without an open segment (padding while
+    /// paused); with a segment, newer source packets move up by one as for [`Self::insert`].
+    pub fn insert_unanchored(&mut self) -> (u64, u64) {
+        if let Some(r) = self.insert() {
+            return r;
+        }
+        self.last_out_seq += 1;
+        (self.last_out_seq, self.last_out_ts)
+    }
+
     /// Maps an output sequence number (wire width, as NACKed by the subscriber) back to the
     /// input sequence number of the current segment, if it belongs to it.
     pub fn unmunge_seq(&self, out_wire_seq: u16) -> Option<(SourceKey, u64)> {

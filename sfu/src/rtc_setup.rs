@@ -79,6 +79,20 @@ pub fn codec_parameters(codec: Codec, with_twcc: bool) -> Vec<RTCRtpCodecParamet
     }
 }
 
+/// RTX (RFC 4588) for each video payload type, towards subscribers: retransmissions and
+/// bandwidth probes travel on their own SSRC, so receivers never take them for replays.
+pub fn rtx_parameters(codec: Codec) -> Vec<RTCRtpCodecParameters> {
+    let rtx = |apt: u8, pt: u8| RTCRtpCodecParameters {
+        rtp_codec: RTCRtpCodec { mime_type: "video/rtx".to_owned(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: format!("apt={apt}"), rtcp_feedback: vec![] },
+        payload_type: pt,
+    };
+    match codec {
+        Codec::Vp8 => vec![rtx(96, 97)],
+        Codec::H264 => vec![rtx(125, 124), rtx(102, 103)],
+        _ => vec![],
+    }
+}
+
 fn media_engine(role: PeerRole, video_codecs: &[Codec]) -> Result<MediaEngine, EngineError> {
     let internal = |e: rtc::shared::error::Error| EngineError::Internal(format!("media engine: {e}"));
     let upstream = role == PeerRole::Publisher;
@@ -91,6 +105,11 @@ fn media_engine(role: PeerRole, video_codecs: &[Codec]) -> Result<MediaEngine, E
     for &c in video_codecs {
         for p in codec_parameters(c, true) {
             me.register_codec(p, RtpCodecKind::Video).map_err(internal)?;
+        }
+        if !upstream {
+            for p in rtx_parameters(c) {
+                me.register_codec(p, RtpCodecKind::Video).map_err(internal)?;
+            }
         }
     }
     let mut ext = |uri: &str, kind| me.register_header_extension(RTCRtpHeaderExtensionCapability { uri: uri.to_owned() }, kind, None).map_err(internal);

@@ -31,6 +31,9 @@ pub(super) const PROBE_TICK: Duration = Duration::from_millis(10);
 /// Wait between probes: after a success, after a failure.
 const PROBE_AFTER_SUCCESS: Duration = Duration::from_millis(800);
 const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(3000);
+/// What a padding-only probe packet costs on the wire (RTP header, extensions, padding, SRTP tag,
+/// UDP/IP).
+const PADDING_PACKET_BYTES: i64 = 70;
 /// A layer nobody needed for this long is paused at the publisher.
 const LAYER_UNNEEDED_GRACE: Duration = Duration::from_secs(5);
 
@@ -241,7 +244,11 @@ impl Engine {
                 let extra = next.saturating_sub(a.bps);
                 wants_more = Some(wants_more.map_or(extra, |w| w.min(extra)));
             }
+            // A track whose media has not arrived yet is not "paused": the subscriber is told
+            // only about a feed that stops after it flowed.
+            let not_started = a.pause == Some(crate::allocator::PauseReason::FeedDry) && d.pause.is_none() && d.forwarder.current_spatial().is_none();
             if d.pause != a.pause
+                && !not_started
                 && let Some(track) = d.source_track
             {
                 events.push(match a.pause {
@@ -257,8 +264,13 @@ impl Engine {
             && now >= cc.next_probe_at
             && !cc.bwe.probing()
         {
-            // Aim for what the next step needs, with headroom, but not beyond twice the estimate.
-            let target = ((total + extra) as f64 * 1.15).min(estimate * 2.0).max(estimate * 1.2);
+            // Aim for what the next step needs, with headroom, but at most 1.5× the estimate: a
+            // probe that overshoots a bottleneck by more fills its queue and costs media.
+            let mut target = ((total + extra) as f64 * 1.15).min(estimate * 1.5).max(estimate * 1.2);
+            if total <= audio_bps {
+                // All video is paused: aim straight for the lowest layer so it can come back.
+                target = target.max((total + extra) as f64 * 1.2);
+            }
             cc.bwe.start_probe(now, target);
             cc.next_probe_at = now + PROBE_AFTER_FAILURE;
             probe_target = Some(target);
@@ -273,8 +285,10 @@ impl Engine {
         }
     }
 
-    /// Sends the probe bytes due now as duplicates of recently forwarded video packets (real
-    /// media the receiver discards as duplicates; padding-only packets would be tiny).
+    /// Sends the probe bytes due now. On a video down track's RTX stream: copies of recently
+    /// forwarded packets (real size; receivers discard them as already received, after counting
+    /// them for congestion feedback), or RTX padding while the video is paused. Without RTX:
+    /// padding-only packets numbered into the video stream.
     fn pace_probe(&mut self, now: Instant, peer_id: PeerId) -> bool {
         let Some(peer) = self.peers.get_mut(&peer_id) else { return false };
         let Some(cc) = peer.cc.as_mut() else { return false };
@@ -284,32 +298,66 @@ impl Engine {
         let media = cc.media_bps.bps(now) as f64;
         let mut due = cc.bwe.probe_bytes_due(now, media) as i64;
         let mut cursor = cc.probe_cursor;
-        let candidates: Vec<DownTrackId> = peer.down.iter().filter(|(_, d)| d.kind == MediaKind::Video && d.forwarder.current_spatial().is_some() && d.out_pt.is_some()).map(|(id, _)| *id).collect();
-        let mut outs = Vec::new();
-        'outer: for dt_id in candidates {
-            let Some(d) = peer.down.get(&dt_id) else { continue };
+        let mut outs: Vec<rtp::Packet> = Vec::new();
+        let video: Vec<DownTrackId> = peer.down.iter().filter(|(_, d)| d.kind == MediaKind::Video && d.out_pt.is_some()).map(|(id, _)| *id).collect();
+        // Copies of recent packets, on the RTX stream of a forwarding down track.
+        for dt_id in &video {
+            let Some(d) = peer.down.get(dt_id) else { continue };
+            if d.rtx_pt.is_none() || d.forwarder.current_spatial().is_none() {
+                continue;
+            }
             let (Some(track), Some(pt)) = (d.source_track.and_then(|t| self.tracks.get(&t)), d.out_pt) else { continue };
             let last = d.forwarder.last_out_seq() as u16;
+            let mut copies = Vec::new();
             let mut tries = 0;
             while due > 0 && tries < 64 {
                 tries += 1;
                 let seq = last.wrapping_sub(cursor % 32);
                 cursor = cursor.wrapping_add(1);
-                let Some(r) = d.forwarder.retransmission(seq, |src, in_seq| track.layers.iter().find(|l| l.ssrc == src.ssrc)?.cache.as_ref()?.get(in_seq).map(|p| p.ext_ts)) else { continue };
-                let Some(cached) = track.layers.iter().find(|l| l.ssrc == r.source.ssrc).and_then(|l| l.cache.as_ref()).and_then(|c| c.get(r.in_ext_seq)) else { continue };
-                let payload = match d.vp8_sent(seq) {
-                    Some(rw) => warbler_media::vp8::rewrite_descriptor(&cached.payload, rw).map(Bytes::from).unwrap_or_else(|| cached.payload.clone()),
-                    None => cached.payload.clone(),
-                };
-                due -= payload.len() as i64 + 40;
-                let out = rtp::Packet {
+                let cache_of = |ssrc: u32| track.layers.iter().find(|l| l.ssrc == ssrc).and_then(|l| l.cache.as_ref());
+                let Some(r) = d.forwarder.retransmission(seq, |src, in_seq| cache_of(src.ssrc)?.get(in_seq).map(|p| p.ext_ts)) else { continue };
+                let Some(cached) = cache_of(r.source.ssrc).and_then(|c| c.get(r.in_ext_seq)) else { continue };
+                due -= cached.payload.len() as i64 + 60;
+                copies.push(rtp::Packet {
                     header: rtp::header::Header { version: 2, marker: cached.marker, payload_type: pt, sequence_number: seq, timestamp: r.out_ext_ts as u32, ssrc: d.out_ssrc, ..Default::default() },
-                    payload,
+                    payload: cached.payload.clone(),
+                });
+            }
+            if let Some(d) = peer.down.get_mut(dt_id) {
+                outs.extend(copies.into_iter().filter_map(|p| d.rtx_packet(p)));
+            }
+            if due <= 0 {
+                break;
+            }
+        }
+        // Nothing to copy (paused, or no RTX): padding.
+        if due > 0
+            && let Some(dt_id) = video.first()
+            && let Some(d) = peer.down.get_mut(dt_id)
+        {
+            let pt = d.out_pt.unwrap_or_default();
+            while due > 0 && outs.len() < 256 {
+                due -= PADDING_PACKET_BYTES;
+                let padding = if d.rtx_pt.is_some() {
+                    let original = rtp::Packet { header: rtp::header::Header { version: 2, ..Default::default() }, payload: Bytes::new() };
+                    d.rtx_packet(original).map(|mut p| {
+                        p.payload = Bytes::new();
+                        p.header.padding = true;
+                        p
+                    })
+                } else {
+                    None
                 };
-                outs.push(out);
-                if due <= 0 {
-                    break 'outer;
-                }
+                outs.push(match padding {
+                    Some(p) => p,
+                    None => {
+                        let (seq, ts) = d.forwarder.insert_padding_paused();
+                        rtp::Packet {
+                            header: rtp::header::Header { version: 2, padding: true, payload_type: pt, sequence_number: seq as u16, timestamp: ts as u32, ssrc: d.out_ssrc, ..Default::default() },
+                            payload: Bytes::new(),
+                        }
+                    }
+                });
             }
         }
         let mut sent_any = false;

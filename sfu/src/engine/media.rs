@@ -271,12 +271,25 @@ impl Engine {
     fn answer_nack(&mut self, now: Instant, peer_id: PeerId, dt_id: DownTrackId, seqs: &[u16]) {
         self.metrics.nacks_received.inc_by(seqs.len() as u64);
         let Some(peer) = self.peers.get_mut(&peer_id) else { return };
-        let Some(dt) = peer.down.get(&dt_id) else { return };
+        // A link already sending well over its estimate gets no repairs on top: they would only
+        // deepen the queue that is losing the packets (the NACKs repeat; later ones may be served).
+        if let Some(cc) = peer.cc.as_mut()
+            && cc.bwe.mode() == crate::bwe::Mode::TransportCc
+            && cc.media_bps.bps(now) as f64 > cc.bwe.estimate_bps() * 1.5
+        {
+            self.metrics.nacks_throttled.inc_by(seqs.len() as u64);
+            return;
+        }
+        let Some(dt) = peer.down.get_mut(&dt_id) else { return };
+        let asked = seqs.len();
+        let seqs: Vec<u16> = seqs.iter().copied().filter(|&s| dt.allow_retransmission(s, now)).collect();
+        self.metrics.nacks_throttled.inc_by((asked - seqs.len()) as u64);
+        let dt = &*dt;
         let (Some(track_id), Some(pt)) = (dt.source_track, dt.out_pt) else { return };
         let Some(track) = self.tracks.get(&track_id) else { return };
         let cache_of = |src: SourceKey| track.layers.iter().find(|l| l.ssrc == src.ssrc).and_then(|l| l.cache.as_ref());
         let mut outs = Vec::new();
-        for &seq in seqs {
+        for &seq in &seqs {
             let rtx = dt.forwarder.retransmission(seq, |src, in_seq| cache_of(src)?.get(in_seq).map(|p| p.ext_ts));
             let Some(r) = rtx else {
                 self.metrics.dropped(DropReason::NotInCache).inc();
@@ -303,6 +316,12 @@ impl Engine {
         }
         let mut sent = false;
         for out in outs {
+            // On the RTX stream when the subscriber has one (it is what receivers expect for
+            // repairs), else as the original packet again.
+            let out = match peer.down.get_mut(&dt_id).and_then(|d| d.rtx_packet(out.clone())) {
+                Some(rtx) => rtx,
+                None => out,
+            };
             if peer.send_rtp(now, &self.metrics, out) {
                 self.metrics.nack_retransmits.inc();
                 sent = true;

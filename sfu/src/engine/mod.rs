@@ -134,6 +134,10 @@ struct DownTrackId(u64);
 struct DownTrack {
     sender: RTCRtpSenderId,
     out_ssrc: u32,
+    /// RTX stream of this down track (video): SSRC, negotiated payload type, next sequence number.
+    rtx_ssrc: u32,
+    rtx_pt: Option<u8>,
+    rtx_seq: u16,
     kind: MediaKind,
     codec: Codec,
     codec_params: RTCRtpCodec,
@@ -148,13 +152,21 @@ struct DownTrack {
     /// The VP8 descriptor values each recent output packet carried, so a retransmission carries
     /// the same (indexed by output sequence number; allocated on the first VP8 packet).
     vp8_history: Vec<Option<(u16, Vp8Rewrite)>>,
+    /// Recent retransmissions per output sequence number: (seq, when, how many times).
+    rtx_log: Vec<(u16, Instant, u8)>,
 }
 
 const VP8_HISTORY: usize = 512;
+const RTX_LOG: usize = 256;
+/// A packet is resent at most this often and this many times: a receiver repeats its NACK until
+/// the packet arrives, and answering every repeat on a congested link only deepens the queue.
+const RTX_MIN_INTERVAL: Duration = Duration::from_millis(100);
+const RTX_MAX_TIMES: u8 = 2;
 
 impl DownTrack {
-    fn new(sender: RTCRtpSenderId, out_ssrc: u32, kind: MediaKind, codec: Codec, codec_params: RTCRtpCodec, forwarder: Forwarder, source_track: Option<TrackId>) -> Self {
-        Self { sender, out_ssrc, kind, codec, codec_params, out_pt: None, forwarder, source_track, settings: TrackSettings::default(), pause: None, vp8_history: Vec::new() }
+    #[allow(clippy::too_many_arguments)]
+    fn new(sender: RTCRtpSenderId, out_ssrc: u32, rtx_ssrc: u32, kind: MediaKind, codec: Codec, codec_params: RTCRtpCodec, forwarder: Forwarder, source_track: Option<TrackId>) -> Self {
+        Self { sender, out_ssrc, rtx_ssrc, rtx_pt: None, rtx_seq: rand::random(), kind, codec, codec_params, out_pt: None, forwarder, source_track, settings: TrackSettings::default(), pause: None, vp8_history: Vec::new(), rtx_log: Vec::new() }
     }
 
     fn remember_vp8(&mut self, ext_seq: u64, r: Vp8Rewrite) {
@@ -163,6 +175,38 @@ impl DownTrack {
         }
         let seq = ext_seq as u16;
         self.vp8_history[usize::from(seq) % VP8_HISTORY] = Some((seq, r));
+    }
+
+    /// Whether a NACK for output `seq` may be answered now (and records that it is).
+    fn allow_retransmission(&mut self, seq: u16, now: Instant) -> bool {
+        if self.rtx_log.is_empty() {
+            self.rtx_log = vec![(0, now, 0); RTX_LOG];
+        }
+        let slot = &mut self.rtx_log[usize::from(seq) % RTX_LOG];
+        if slot.0 == seq && slot.2 > 0 {
+            if slot.2 >= RTX_MAX_TIMES || now.saturating_duration_since(slot.1) < RTX_MIN_INTERVAL {
+                return false;
+            }
+            *slot = (seq, now, slot.2 + 1);
+        } else {
+            *slot = (seq, now, 1);
+        }
+        true
+    }
+
+    /// Wraps a packet for the RTX stream (RFC 4588): original sequence number first, own SSRC,
+    /// payload type and numbering. `None` if the subscriber did not accept RTX.
+    fn rtx_packet(&mut self, original: rtc::rtp::Packet) -> Option<rtc::rtp::Packet> {
+        let pt = self.rtx_pt?;
+        let mut payload = bytes::BytesMut::with_capacity(original.payload.len() + 2);
+        payload.extend_from_slice(&original.header.sequence_number.to_be_bytes());
+        payload.extend_from_slice(&original.payload);
+        let seq = self.rtx_seq;
+        self.rtx_seq = self.rtx_seq.wrapping_add(1);
+        Some(rtc::rtp::Packet {
+            header: rtc::rtp::header::Header { version: 2, marker: original.header.marker, payload_type: pt, sequence_number: seq, timestamp: original.header.timestamp, ssrc: self.rtx_ssrc, ..Default::default() },
+            payload: payload.freeze(),
+        })
     }
 
     fn vp8_sent(&self, seq: u16) -> Option<Vp8Rewrite> {
@@ -467,7 +511,7 @@ impl Engine {
         for (kind, offered) in &kinds {
             planned.push((*kind, codec_for(*kind, offered)?));
         }
-        let mut slots: Vec<(MediaKind, u32, (Codec, RTCRtpCodec))> = Vec::new();
+        let mut slots: Vec<(MediaKind, u32, u32, (Codec, RTCRtpCodec))> = Vec::new();
         let stream_id = format!("whep-{target_identity}");
         let peer = self.peers.get_mut(&peer_id).ok_or(EngineError::UnknownParticipant)?;
         let rng = &mut self.rng;
@@ -477,10 +521,11 @@ impl Engine {
             for (mk, codec) in planned {
                 let kind = if mk == MediaKind::Audio { RtpCodecKind::Audio } else { RtpCodecKind::Video };
                 let ssrc = rng.random::<u32>();
-                let track = media_stream_track(&stream_id, &format!("{stream_id}-{}", slots.len()), kind, ssrc, &codec.1);
+                let rtx_ssrc = (mk == MediaKind::Video).then(|| rng.random::<u32>());
+                let track = media_stream_track(&stream_id, &format!("{stream_id}-{}", slots.len()), kind, ssrc, rtx_ssrc, &codec.1);
                 let sender = peer.pc.add_track(track).map_err(|e| EngineError::BadSdp(format!("cannot send {kind}: {e}")))?;
                 senders.push(sender);
-                slots.push((mk, ssrc, codec));
+                slots.push((mk, ssrc, rtx_ssrc.unwrap_or_default(), codec));
             }
             let answer = peer.pc.create_answer(None).map_err(|e| EngineError::BadSdp(e.to_string()))?;
             let sdp = answer.sdp.clone();
@@ -492,12 +537,13 @@ impl Engine {
         if slots.is_empty() {
             return Err(EngineError::BadSdp("the offer has no audio or video to receive".into()));
         }
-        for ((kind, ssrc, (codec, params)), sender) in slots.into_iter().zip(senders) {
+        for ((kind, ssrc, rtx_ssrc, (codec, params)), sender) in slots.into_iter().zip(senders) {
             let dt_id = DownTrackId(self.new_id());
             let forwarder = Forwarder::new(kind, codec.clock_rate(), self.rng.random(), self.rng.random());
             let peer = self.peers.get_mut(&peer_id).ok_or(EngineError::UnknownParticipant)?;
-            peer.down.insert(dt_id, DownTrack::new(sender, ssrc, kind, codec, params, forwarder, None));
+            peer.down.insert(dt_id, DownTrack::new(sender, ssrc, rtx_ssrc, kind, codec, params, forwarder, None));
             peer.down_by_ssrc.insert(ssrc, dt_id);
+            peer.down_by_ssrc.insert(rtx_ssrc, dt_id);
         }
         if let Some(peer) = self.peers.get_mut(&peer_id) {
             refresh_payload_types(peer);
@@ -1047,12 +1093,13 @@ impl Engine {
             },
         };
         let ssrc = self.rng.random::<u32>();
+        let rtx_ssrc = self.rng.random::<u32>();
         let dt_id = DownTrackId(self.new_id());
         let mut forwarder = Forwarder::new(kind, codec.clock_rate(), self.rng.random(), self.rng.random());
         let muted = self.tracks[&track].muted;
         forwarder.set_muted(muted);
         let rtc_kind = if kind == MediaKind::Audio { RtpCodecKind::Audio } else { RtpCodecKind::Video };
-        let mst = media_stream_track(&owner.to_string(), &track.to_string(), rtc_kind, ssrc, &params);
+        let mst = media_stream_track(&owner.to_string(), &track.to_string(), rtc_kind, ssrc, (kind == MediaKind::Video).then_some(rtx_ssrc), &params);
         let Some(peer) = self.peers.get_mut(&peer_id) else { return };
         // The server only sends on subscriber connections: sendonly, not the sendrecv add_track
         // would leave (it reuses an m-line freed by an earlier removal when it can).
@@ -1070,8 +1117,9 @@ impl Engine {
             }
             None => return self.fail_peer(now, peer_id),
         };
-        peer.down.insert(dt_id, DownTrack::new(sender, ssrc, kind, codec, params, forwarder, Some(track)));
+        peer.down.insert(dt_id, DownTrack::new(sender, ssrc, rtx_ssrc, kind, codec, params, forwarder, Some(track)));
         peer.down_by_ssrc.insert(ssrc, dt_id);
+        peer.down_by_ssrc.insert(rtx_ssrc, dt_id);
         peer.negotiation_needed = true;
         self.to_negotiate.push(peer_id);
         if let Some(t) = self.tracks.get_mut(&track) {
@@ -1143,6 +1191,7 @@ impl Engine {
             }
             if let Some(d) = peer.down.remove(&dt_id) {
                 peer.down_by_ssrc.remove(&d.out_ssrc);
+                peer.down_by_ssrc.remove(&d.rtx_ssrc);
                 let _ = guarded(&self.metrics, "remove_track", || {
                     let removed = peer.pc.remove_track(d.sender);
                     // A freed m-line is inactive (nothing flows either way) until reused.
@@ -1330,6 +1379,12 @@ fn refresh_payload_types(peer: &mut Peer) {
             .find(|c| d.codec != Codec::H264 || same_h264_profile(&c.rtp_codec.sdp_fmtp_line, &d.codec_params.sdp_fmtp_line))
             .or_else(|| codecs.iter().find(same_mime))
             .map(|c| c.payload_type);
+        d.rtx_pt = pt.and_then(|pt| {
+            codecs
+                .iter()
+                .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case("video/rtx") && c.rtp_codec.sdp_fmtp_line.split(';').any(|kv| kv.trim() == format!("apt={pt}")))
+                .map(|c| c.payload_type)
+        });
         d.out_pt = pt;
     }
 }
@@ -1341,14 +1396,18 @@ fn same_h264_profile(a: &str, b: &str) -> bool {
     profile(a) == profile(b)
 }
 
-fn media_stream_track(stream_id: &str, track_id: &str, kind: RtpCodecKind, ssrc: u32, codec: &RTCRtpCodec) -> MediaStreamTrack {
+fn media_stream_track(stream_id: &str, track_id: &str, kind: RtpCodecKind, ssrc: u32, rtx_ssrc: Option<u32>, codec: &RTCRtpCodec) -> MediaStreamTrack {
     MediaStreamTrack::new(
         stream_id.to_owned(),
         track_id.to_owned(),
         track_id.to_owned(),
         kind,
         vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters { ssrc: Some(ssrc), ..Default::default() },
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                rtx: rtx_ssrc.map(|ssrc| rtc::rtp_transceiver::rtp_sender::RTCRtpRtxParameters { ssrc }),
+                ..Default::default()
+            },
             codec: codec.clone(),
             ..Default::default()
         }],

@@ -28,6 +28,38 @@ use webrtc::peer_connection::{
     RTCIceGatheringState, RTCPeerConnectionState, RTCSessionDescription, Registry, register_default_interceptors,
 };
 
+pub const URI_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+pub const URI_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+
+/// A string-valued header extension (mid, rid) for `SampleWriter::with_extension`.
+struct TextExtension(String);
+
+impl rtc::shared::marshal::MarshalSize for TextExtension {
+    fn marshal_size(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl rtc::shared::marshal::Marshal for TextExtension {
+    fn marshal_to(&self, buf: &mut [u8]) -> rtc::shared::error::Result<usize> {
+        buf[..self.0.len()].copy_from_slice(self.0.as_bytes());
+        Ok(self.0.len())
+    }
+}
+
+fn text_ext(uri: &'static str, value: &str) -> rtc::rtp::extension::HeaderExtension {
+    rtc::rtp::extension::HeaderExtension::Custom { uri: uri.into(), extension: Box::new(TextExtension(value.to_owned())) }
+}
+
+/// One simulcast layer a native publisher sends.
+#[derive(Clone, Copy, Debug)]
+pub struct SimulcastLayer {
+    pub rid: &'static str,
+    pub width: usize,
+    pub height: usize,
+    pub bps: u32,
+}
+
 pub const H264_FMTP: &str = "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f";
 
 pub fn h264_codec() -> RTCRtpCodec {
@@ -325,6 +357,17 @@ impl NativePeer {
             rtc::rtp_transceiver::rtp_sender::RTCPFeedback { typ: "nack".into(), parameter: "pli".into() },
         ];
         me.register_codec(h264, RtpCodecKind::Video).unwrap();
+        me.register_codec(
+            rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec { mime_type: "video/rtx".into(), clock_rate: 90_000, channels: 0, sdp_fmtp_line: "apt=102".into(), rtcp_feedback: vec![] },
+                payload_type: 103,
+            },
+            RtpCodecKind::Video,
+        )
+        .unwrap();
+        for uri in [URI_MID, URI_RID] {
+            me.register_header_extension(rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: uri.into() }, RtpCodecKind::Video, None).unwrap();
+        }
         me.register_codec(rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio).unwrap();
         let registry = register_default_interceptors(Registry::new(), &mut me).unwrap().with(Slot::from(20_000), KeyframeRequests::default());
         let (gtx, grx) = watch::channel(false);
@@ -361,6 +404,66 @@ impl NativePeer {
         self.streaming.push(tokio::spawn(stream_video(video, state.clone(), self.shared.clone())));
         self.streaming.push(tokio::spawn(stream_audio(audio, state)));
         ("cam-video".into(), "cam-audio".into())
+    }
+
+    /// Adds an H.264 camera sent as simulcast (one encoding per layer, identified by rid) and
+    /// starts streaming every layer once connected, at 15 fps.
+    pub async fn add_simulcast_camera(&mut self, layers: &[SimulcastLayer]) -> String {
+        let encodings = layers
+            .iter()
+            .map(|l| RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters { rid: l.rid.into(), ssrc: Some(rand::random::<u32>()), ..Default::default() },
+                codec: h264_codec(),
+                ..Default::default()
+            })
+            .collect();
+        let track = Arc::new(
+            TrackLocalStaticSample::new(Instant::now(), MediaStreamTrack::new("sim-stream".into(), "sim-video".into(), "sim-video".into(), RtpCodecKind::Video, encodings)).unwrap(),
+        );
+        self.pc.add_track(track.clone() as Arc<dyn TrackLocal>).await.unwrap();
+        let state = self.state.clone();
+        let layers = layers.to_vec();
+        let shared = self.shared.clone();
+        self.streaming.push(tokio::spawn(async move {
+            if !wait_for_connected(state).await {
+                return;
+            }
+            let ssrcs = track.ssrcs().await;
+            let mut sources: Vec<(H264Source, u32, &'static str)> = Vec::new();
+            for (l, ssrc) in layers.iter().zip(ssrcs) {
+                sources.push((H264Source::new(l.width, l.height, 15.0, l.bps).unwrap(), ssrc, l.rid));
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(66));
+            let mut feedback_open = true;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    ev = track.poll(), if feedback_open => {
+                        match ev {
+                            Some(TrackLocalEvent::OnRtcpPacket(_)) => {
+                                shared.keyframe_requests.fetch_add(1, Ordering::Relaxed);
+                                // Which layer was asked is in the PLI; a keyframe on all is simplest.
+                                for (src, _, _) in sources.iter_mut() {
+                                    src.force_keyframe();
+                                }
+                            }
+                            Some(_) => {}
+                            None => feedback_open = false,
+                        }
+                        continue;
+                    }
+                }
+                for (src, ssrc, rid) in sources.iter_mut() {
+                    let frame = src.next_frame().unwrap();
+                    let sample = rtc::media::Sample { data: Bytes::from(frame), duration: Duration::from_millis(66), ..rtc::media::Sample::new(Instant::now()) };
+                    let writer = track.sample_writer(*ssrc, H264_PT).with_extension(text_ext(URI_MID, "0")).with_extension(text_ext(URI_RID, rid));
+                    if writer.write_sample(&sample).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+        "sim-video".into()
     }
 
     /// Opens a reliable, ordered data channel; messages received on it arrive on the returned

@@ -18,6 +18,7 @@ use warbler_signaling::config::Config;
 use warbler_signaling::server::{self, Server};
 use warbler_sfu::api::Grants;
 
+#[allow(unused_imports)] // each test binary uses a different subset
 pub use native::{NativePeer, TrackStats, eventually};
 
 pub struct TestServer {
