@@ -28,6 +28,8 @@ pub enum PauseReason {
 }
 
 impl PauseReason {
+    pub const ALL: [PauseReason; 3] = [PauseReason::Bandwidth, PauseReason::Hidden, PauseReason::FeedDry];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PauseReason::Bandwidth => "bandwidth",

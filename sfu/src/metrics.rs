@@ -3,7 +3,9 @@
 //! Counters are atomics updated by the engine thread only; label values are resolved once here so
 //! the per-packet path never hashes a label.
 
-use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::allocator::PauseReason;
 
 use crate::forwarder::DropReason;
 
@@ -42,6 +44,20 @@ pub struct Metrics {
     pub probe_packets: IntCounter,
     pub layer_activity_changes: IntCounter,
     estimate: GaugeVec,
+    /// Per subscriber and track: spatial layer (`which` = target / current; -1 = none).
+    track_layer: IntGaugeVec,
+    track_switches: IntGaugeVec,
+    /// 1 for the reason a subscriber's track is paused; absent while it flows.
+    track_paused: IntGaugeVec,
+    pauses: IntCounterVec,
+}
+
+/// What the allocator last decided for one track of one subscriber, for `/metrics`.
+pub struct DownTrackState {
+    pub target: Option<u8>,
+    pub current: Option<u8>,
+    pub switches: u64,
+    pub pause: Option<PauseReason>,
 }
 
 impl Metrics {
@@ -110,7 +126,55 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            track_layer: {
+                let g = IntGaugeVec::new(Opts::new("warbler_subscriber_track_layer", "Spatial layer sent to a subscriber per track (target, current; -1 none)"), &["participant", "track", "which"])?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            track_switches: {
+                let g = IntGaugeVec::new(Opts::new("warbler_subscriber_track_layer_switches", "Layer switches made for a subscriber's track since it was subscribed"), &["participant", "track"])?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            track_paused: {
+                let g = IntGaugeVec::new(Opts::new("warbler_subscriber_track_paused", "1 while a subscriber's track is paused, labelled with why"), &["participant", "track", "reason"])?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            pauses: {
+                let c = IntCounterVec::new(Opts::new("warbler_track_pauses_total", "Subscriber tracks paused by the allocator, by reason"), &["reason"])?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
         })
+    }
+
+    pub fn set_down_track(&self, participant: &str, track: &str, state: &DownTrackState) {
+        let layer = |l: Option<u8>| l.map_or(-1, i64::from);
+        self.track_layer.with_label_values(&[participant, track, "target"]).set(layer(state.target));
+        self.track_layer.with_label_values(&[participant, track, "current"]).set(layer(state.current));
+        self.track_switches.with_label_values(&[participant, track]).set(state.switches as i64);
+        for reason in PauseReason::ALL {
+            if Some(reason) == state.pause {
+                self.track_paused.with_label_values(&[participant, track, reason.as_str()]).set(1);
+            } else {
+                let _ = self.track_paused.remove_label_values(&[participant, track, reason.as_str()]);
+            }
+        }
+    }
+
+    pub fn track_paused(&self, reason: PauseReason) {
+        self.pauses.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub fn forget_down_track(&self, participant: &str, track: &str) {
+        for which in ["target", "current"] {
+            let _ = self.track_layer.remove_label_values(&[participant, track, which]);
+        }
+        let _ = self.track_switches.remove_label_values(&[participant, track]);
+        for reason in PauseReason::ALL {
+            let _ = self.track_paused.remove_label_values(&[participant, track, reason.as_str()]);
+        }
     }
 
     pub fn set_estimate(&self, participant: &str, bps: f64) {

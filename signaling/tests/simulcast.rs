@@ -52,6 +52,20 @@ async fn wait_size(c: &Client, track: &str, want: (usize, usize), within: Durati
     }
 }
 
+/// Polls `/metrics` until the series of `name` matching `label` sums to `want`.
+async fn metric_reaches(srv: &TestServer, name: &str, label: &str, want: f64) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if srv.metric(name, Some(label)).await == want {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscribers_get_the_layer_they_display_with_one_continuous_stream() {
     let mut srv = TestServer::start().await;
@@ -66,6 +80,9 @@ async fn subscribers_get_the_layer_they_display_with_one_continuous_stream() {
     bob.send(json!({"type":"track_settings","track":track,"width":160,"height":90}));
     let took = wait_size(&bob, &track, (160, 90), T).await;
     assert!(took.is_some(), "switches down: {:#?}", bob.received().await);
+    // /metrics shows target and current layer of this subscriber's track.
+    assert!(metric_reaches(&srv, "warbler_subscriber_track_layer", "which=\"current\"", 0.0).await, "current layer 0 in /metrics");
+    assert!(metric_reaches(&srv, "warbler_subscriber_track_layer", "which=\"target\"", 0.0).await, "target layer 0 in /metrics");
     let mid = bob.received().await[&track].clone();
     bob.send(json!({"type":"track_settings","track":track,"width":300,"height":170}));
     assert!(wait_size(&bob, &track, (320, 180), T).await.is_some(), "middle layer");
@@ -84,6 +101,7 @@ async fn subscribers_get_the_layer_they_display_with_one_continuous_stream() {
     bob.send(json!({"type":"track_settings","track":track,"visible":false}));
     let paused = bob.wait_for(T, |m| m["type"] == "track_paused").await.expect("track_paused");
     assert_eq!((paused["track"].as_str(), paused["reason"].as_str()), (Some(track.as_str()), Some("hidden")));
+    assert!(metric_reaches(&srv, "warbler_subscriber_track_paused", "reason=\"hidden\"", 1.0).await, "pause reason in /metrics");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stopped = bob.received().await[&track].packets;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -107,5 +125,8 @@ async fn subscribers_get_the_layer_they_display_with_one_continuous_stream() {
     let layers = alice.wait_for(T, |m| m["type"] == "layers").await.expect("resume message");
     assert_eq!(layers["active"]["f"], true, "{layers}");
     assert!(wait_size(&bob, &track, (640, 360), T).await.is_some());
+    let switches = srv.metric("warbler_subscriber_track_layer_switches", None).await;
+    assert!(switches >= 3.0, "switches counted: {switches}");
+    assert!(srv.metric("warbler_track_pauses_total", Some("reason=\"hidden\"")).await >= 1.0);
     srv.stop().await;
 }

@@ -255,7 +255,14 @@ impl Engine {
                     Some(reason) => ParticipantEvent::TrackPaused { track, reason },
                     None => ParticipantEvent::TrackResumed { track },
                 });
+                if let Some(reason) = a.pause {
+                    self.metrics.track_paused(reason);
+                }
                 d.pause = a.pause;
+            }
+            if let Some(track) = d.source_track {
+                let state = crate::metrics::DownTrackState { target: target.map(|t| t.spatial), current: d.forwarder.current_spatial(), switches: d.forwarder.switches(), pause: d.pause };
+                self.metrics.set_down_track(&participant.to_string(), &track.to_string(), &state);
             }
         }
         let mut probe_target = None;

@@ -1183,6 +1183,7 @@ impl Engine {
             if peer.role == PeerRole::Whep {
                 // The slot stays negotiated; it waits for the next track of the identity.
                 if let Some(d) = peer.down.get_mut(&dt_id) {
+                    self.metrics.forget_down_track(&peer.participant.to_string(), &track.to_string());
                     d.source_track = None;
                     d.forwarder.reset_source();
                 }
@@ -1190,6 +1191,7 @@ impl Engine {
                 continue;
             }
             if let Some(d) = peer.down.remove(&dt_id) {
+                self.metrics.forget_down_track(&peer.participant.to_string(), &track.to_string());
                 peer.down_by_ssrc.remove(&d.out_ssrc);
                 peer.down_by_ssrc.remove(&d.rtx_ssrc);
                 let _ = guarded(&self.metrics, "remove_track", || {
@@ -1245,6 +1247,9 @@ impl Engine {
         let Some(mut peer) = self.peers.remove(&peer_id) else { return };
         // Detach its down tracks from their sources.
         for (dt_id, d) in &peer.down {
+            if let Some(track) = d.source_track {
+                self.metrics.forget_down_track(&peer.participant.to_string(), &track.to_string());
+            }
             if let Some(t) = d.source_track.and_then(|t| self.tracks.get_mut(&t)) {
                 t.subscribers.retain(|(p, id)| !(*p == peer_id && id == dt_id));
             }
