@@ -35,6 +35,12 @@ const HIGH_LOSS: f64 = 0.10;
 /// The loss-based bound moves at most this often (GCC: once per RTT + 300 ms).
 const LOSS_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_DURATION: Duration = Duration::from_millis(250);
+/// A probe above a rate where the path recently congested runs this long and is judged on its
+/// second half: a token bucket (`tc tbf`, many access links) lets a short burst through at any
+/// rate, so only a sustained probe tells its real rate.
+const LONG_PROBE_DURATION: Duration = Duration::from_millis(1000);
+/// How long the rate at which the path congested is remembered.
+const CEILING_MEMORY: Duration = Duration::from_secs(60);
 /// Packets sent this soon after a probe still meet the queue the probe built.
 const PROBE_LOSS_GRACE: Duration = Duration::from_millis(300);
 /// A probe's packets must be reported within this long after it ends, or it failed.
@@ -246,6 +252,7 @@ struct Probe {
     /// Bytes the engine should have sent as probe packets so far (paced).
     sent_bytes: u64,
     overuse_seen: bool,
+    long: bool,
     first_id: Option<u64>,
     last_id: Option<u64>,
 }
@@ -282,6 +289,10 @@ pub struct Estimator {
     probe: Option<Probe>,
     /// Reports held back for the running probe's evaluation: (id, departure, arrival, size).
     probe_reports: Vec<(u64, Instant, Duration, usize)>,
+    /// Departures of the running probe's packets reported lost.
+    probe_lost: Vec<Instant>,
+    /// The rate at which the path last congested (delay overuse or loss), and when.
+    ceiling: Option<(f64, Instant)>,
     last_outcome: Option<(Instant, ProbeOutcome)>,
     /// Send-time windows of recent probes: what was lost then is the probe's doing, not a loss
     /// rate of the path at the estimate.
@@ -316,6 +327,8 @@ impl Estimator {
             last_feedback: None,
             probe: None,
             probe_reports: Vec::new(),
+            probe_lost: Vec::new(),
+            ceiling: None,
             last_outcome: None,
             probe_windows: VecDeque::new(),
         }
@@ -359,7 +372,10 @@ impl Estimator {
 
     /// Transport-wide feedback from the subscriber.
     pub fn on_twcc(&mut self, now: Instant, feedback: &TransportLayerCc) {
-        for ack in convert_twcc(feedback) {
+        // The last status chunk is padded with "not received" symbols past the packets the
+        // feedback covers (`convert_twcc` returns those too): reading them as losses would mark
+        // packets lost before their own feedback arrives.
+        for ack in convert_twcc(feedback).into_iter().take(usize::from(feedback.packet_status_count)) {
             self.history.on_twcc_feedback(now, ack);
         }
         let reports = self.history.take_reports();
@@ -382,17 +398,16 @@ impl Estimator {
                     self.interval_lost += 1;
                 }
             }
+            let in_running_probe = self.probe.as_ref().is_some_and(|p| p.first_id.is_some_and(|f| r.id >= f) && p.last_id.is_none_or(|l| r.id <= l));
             match (r.arrived, r.arrival) {
                 (true, Some(arrival)) => {
                     self.acked.add(arrival, r.size);
                     self.usage = self.trend.on_packet(r.departure, arrival);
-                    if let Some(p) = self.probe.as_ref()
-                        && p.first_id.is_some_and(|f| r.id >= f)
-                        && p.last_id.is_none_or(|l| r.id <= l)
-                    {
+                    if in_running_probe {
                         self.probe_reports.push((r.id, r.departure, arrival, r.size));
                     }
                 }
+                _ if in_running_probe => self.probe_lost.push(r.departure),
                 _ => {}
             }
         }
@@ -400,6 +415,10 @@ impl Estimator {
             && self.usage == Usage::Over
         {
             p.overuse_seen = true;
+            // The answer is known: stop filling the queue.
+            if p.end > now {
+                p.end = now.max(p.start);
+            }
         }
         let acked = self.acked.bps();
         self.rate_control(now, acked);
@@ -413,6 +432,7 @@ impl Estimator {
                 // Back off from what actually got through, once per interval.
                 if self.last_change.is_none_or(|t| now.saturating_duration_since(t) >= RATE_CONTROL_INTERVAL) || self.increasing {
                     let base = acked.unwrap_or(self.target).min(self.target);
+                    self.ceiling = Some((base, now));
                     self.target = (base * DECREASE_FACTOR).clamp(MIN_BPS, MAX_BPS);
                     self.last_decrease_rate = acked;
                     self.last_change = Some(now);
@@ -461,6 +481,7 @@ impl Estimator {
         self.interval_total = 0;
         if self.loss_avg > HIGH_LOSS {
             let current = self.loss_target.min(self.target);
+            self.ceiling = Some((current, now));
             // At most a 30% cut per interval, however bad the loss.
             self.loss_target = (current * (1.0 - 0.5 * self.loss_avg.min(0.6))).clamp(MIN_BPS, MAX_BPS);
             self.last_loss_change = Some(now);
@@ -524,11 +545,14 @@ impl Estimator {
             return;
         }
         self.probe_reports.clear();
-        self.probe_windows.push_back((now, now + PROBE_DURATION));
+        self.probe_lost.clear();
+        let long = self.ceiling.is_some_and(|(rate, at)| now.saturating_duration_since(at) < CEILING_MEMORY && target_bps > rate * 0.95);
+        let end = now + if long { LONG_PROBE_DURATION } else { PROBE_DURATION };
+        self.probe_windows.push_back((now, end));
         while self.probe_windows.len() > 4 {
             self.probe_windows.pop_front();
         }
-        self.probe = Some(Probe { target_bps, start: now, end: now + PROBE_DURATION, sent_bytes: 0, overuse_seen: false, first_id: None, last_id: None });
+        self.probe = Some(Probe { target_bps, start: now, end, sent_bytes: 0, overuse_seen: false, long, first_id: None, last_id: None });
     }
 
     pub fn probing(&self) -> bool {
@@ -572,14 +596,26 @@ impl Estimator {
             return;
         }
         self.probe = None;
-        let reports = std::mem::take(&mut self.probe_reports);
+        let mut reports = std::mem::take(&mut self.probe_reports);
+        let mut lost = std::mem::take(&mut self.probe_lost);
+        if p.long {
+            // Judged on its second half, once any burst allowance of the path is used up.
+            let half = p.start + (p.end - p.start) / 2;
+            if reports.iter().filter(|r| r.1 >= half).count() >= 5 {
+                reports.retain(|r| r.1 >= half);
+                lost.retain(|d| *d >= half);
+            }
+        }
+        let lossy = lost.len() * 10 > reports.len() + lost.len();
+        tracing::debug!(reports = reports.len(), lost = lost.len(), overuse = p.overuse_seen, long = p.long, target = p.target_bps, "probe evaluation");
         let outcome = match (reports.first(), reports.last()) {
-            (Some(first), Some(last_r)) if reports.len() >= 5 && !p.overuse_seen => {
+            (Some(first), Some(last_r)) if reports.len() >= 5 && !p.overuse_seen && !lossy => {
                 let bytes: usize = reports.iter().map(|r| r.3).sum();
                 let send_span = last_r.1.saturating_duration_since(first.1).as_secs_f64().max(0.001);
                 let recv_span = reports.iter().map(|r| r.2).max().unwrap_or_default().saturating_sub(reports.iter().map(|r| r.2).min().unwrap_or_default()).as_secs_f64().max(0.001);
                 let send_rate = bytes as f64 * 8.0 / send_span;
                 let recv_rate = bytes as f64 * 8.0 / recv_span;
+                tracing::debug!(send_rate, recv_rate, bytes, send_span, recv_span, "probe rates");
                 // The path carried the probe if it arrived about as fast as it was sent.
                 if recv_rate >= 0.85 * send_rate {
                     ProbeOutcome::Succeeded(send_rate.min(recv_rate))
@@ -589,13 +625,19 @@ impl Estimator {
             }
             _ => ProbeOutcome::Failed,
         };
-        if let ProbeOutcome::Succeeded(rate) = outcome {
-            let rate = (rate * 0.95).min(p.target_bps);
+        if let ProbeOutcome::Succeeded(measured) = outcome {
+            if p.long && self.ceiling.is_some_and(|(c, _)| measured > c * 1.1) {
+                self.ceiling = None;
+            }
+            let rate = (measured * 0.95).min(p.target_bps).clamp(MIN_BPS, MAX_BPS);
             if rate > self.target {
-                self.target = rate.clamp(MIN_BPS, MAX_BPS);
+                self.target = rate;
                 self.last_change = Some(now);
                 self.last_decrease_rate = None;
             }
+            // The path just carried this rate without loss: the loss-based bound (GCC resets it
+            // on a probe result too) must not hold the estimate below it.
+            self.loss_target = self.loss_target.max(rate);
         }
         self.last_outcome = Some((now, outcome));
     }
@@ -723,6 +765,87 @@ mod tests {
         let outcome = e.take_probe_outcome();
         assert!(matches!(outcome, Some(ProbeOutcome::Succeeded(r)) if r > 1_400_000.0), "{outcome:?}");
         assert!(e.estimate_bps() > before * 3.0, "{before} → {}", e.estimate_bps());
+    }
+
+    /// Sends a probe cluster at `send_bps` (1000-byte packets) from `t` for as long as the
+    /// estimator's probe runs, through a token bucket of `link_bps` with `burst` bytes and a
+    /// 200 ms queue (`tc tbf`; 0 = unlimited link); feeds all reports afterwards.
+    fn probe_through_bucket(e: &mut Estimator, t: Instant, send_bps: f64, link_bps: f64, burst: f64) -> Option<ProbeOutcome> {
+        let end = e.probe.unwrap().end;
+        let gap = Duration::from_secs_f64(8000.0 / send_bps);
+        let (mut tokens, mut last, mut link_free) = (burst, t, t);
+        let mut reports = Vec::new();
+        let mut at = t;
+        while at < end {
+            e.on_sent(at, 1, 0, 1000);
+            let id = e.probe.unwrap().last_id.unwrap();
+            let arrival = if link_bps == 0.0 {
+                Some(at)
+            } else {
+                // Tokens refill at the link rate; a packet leaves once it has 1000 bytes' worth.
+                tokens = (tokens + at.saturating_duration_since(last).as_secs_f64() * link_bps / 8.0).min(burst);
+                last = at;
+                let wait = if tokens >= 1000.0 { 0.0 } else { (1000.0 - tokens) * 8.0 / link_bps };
+                let leaves = (at + Duration::from_secs_f64(wait)).max(link_free);
+                if leaves.saturating_duration_since(at) > Duration::from_millis(200) {
+                    None
+                } else {
+                    tokens -= 1000.0;
+                    link_free = leaves;
+                    Some(leaves)
+                }
+            };
+            reports.push(PacketReport {
+                ssrc: 1,
+                id,
+                rtp_sequence_number: 0,
+                is_twcc: true,
+                twcc_sequence_number: 0,
+                size: 1000,
+                arrived: arrival.is_some(),
+                departure: at,
+                arrival: arrival.map(|a| a.saturating_duration_since(t) + Duration::from_millis(20)),
+                ecn: Ecn::default(),
+            });
+            at += gap;
+        }
+        e.on_reports(end + Duration::from_millis(300), &reports);
+        e.take_probe_outcome()
+    }
+
+    #[test]
+    fn after_congestion_probes_above_it_are_long_enough_to_see_through_a_token_bucket() {
+        let warm = |e: &mut Estimator, path: &mut Path| path.run(e, 100, 20.0, 1000, |_| 20.0, |_| false);
+        // A 500 kbit/s bucket with a 20 kB burst lets a 250 ms probe at 750 kbit/s through
+        // untouched: a short probe cannot tell.
+        let mut fresh = Estimator::new(500_000.0);
+        warm(&mut fresh, &mut Path::new());
+        let t = Instant::now() + Duration::from_secs(5);
+        fresh.start_probe(t, 750_000.0);
+        assert!(!fresh.probe.unwrap().long);
+        assert!(matches!(probe_through_bucket(&mut fresh, t, 750_000.0, 500_000.0, 20_000.0), Some(ProbeOutcome::Succeeded(_))));
+
+        // Once the path has congested around 500 kbit/s, a probe above that runs 1 s and is
+        // judged on its second half: it fails, and the estimate stays.
+        let mut e = Estimator::new(600_000.0);
+        let mut path = Path::new();
+        warm(&mut e, &mut path);
+        path.run(&mut e, 150, 13.0, 1000, |i| 20.0 + (i - 100) as f64 * 2.0, |_| false);
+        let (ceiling, _) = e.ceiling.expect("congestion remembered");
+        assert!(ceiling < 700_000.0, "{ceiling}");
+        let before = e.estimate_bps();
+        let t = path.t0 + Duration::from_secs(10);
+        e.start_probe(t, 750_000.0);
+        assert!(e.probe.unwrap().long);
+        assert_eq!(probe_through_bucket(&mut e, t, 750_000.0, 500_000.0, 20_000.0), Some(ProbeOutcome::Failed));
+        assert!(e.estimate_bps() <= before, "{before} → {}", e.estimate_bps());
+
+        // The cap is lifted: the long probe succeeds and congestion is forgotten.
+        let t = t + Duration::from_secs(3);
+        e.start_probe(t, 750_000.0);
+        assert!(matches!(probe_through_bucket(&mut e, t, 750_000.0, 0.0, 0.0), Some(ProbeOutcome::Succeeded(r)) if r > 650_000.0));
+        assert!(e.ceiling.is_none());
+        assert!(e.estimate_bps() > 650_000.0, "{}", e.estimate_bps());
     }
 
     #[test]

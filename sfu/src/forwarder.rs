@@ -232,12 +232,8 @@ impl Forwarder {
     /// Sets the layer to receive (`None` pauses). A higher or lower spatial layer takes effect at
     /// its next keyframe; the current layer keeps flowing until then.
     pub fn set_target(&mut self, target: Option<Target>) {
-        if let (Some(t), Some(_)) = (target, self.current)
-            && t.temporal < self.temporal
-        {
-            // Going down in temporal layers needs no sync point.
-            self.temporal = t.temporal;
-        }
+        // A lower temporal target takes effect at the next frame (see `on_packet`): cutting a
+        // frame short would leave the receiver waiting for it before it decodes anything newer.
         if target.is_none() && self.target.is_some() {
             self.munger.end_segment();
             self.current = None;
@@ -344,7 +340,12 @@ impl Forwarder {
             self.munger.skip(p.source, p.ext_seq);
             return Verdict::Drop(DropReason::PaddingOnly);
         }
-        // Temporal layers: move up only at a sync point, drop whole frames above.
+        // Temporal layers: down at any frame start, up only at a sync point; whole frames above
+        // are dropped. (A frame cut short would block decoding: libwebrtc's VP8 reference finder
+        // holds every later frame until each skipped picture id is accounted for.)
+        if p.frame_start && target.temporal < self.temporal {
+            self.temporal = target.temporal;
+        }
         if p.frame_start && p.temporal > self.temporal && p.temporal <= target.temporal && (p.layer_sync || p.keyframe_start) {
             self.temporal = p.temporal;
         }
@@ -534,6 +535,31 @@ mod tests {
         push(f.on_packet(t1, &PacketMeta { ext_seq: 2 * C16 + 4, ..pkt(1, 0, 9000, false) }));
         assert_eq!(out, vec![65533, 65534, 65535, 0]);
         assert!(ts.windows(2).all(|w| w[1] >= w[0]), "{ts:?}");
+    }
+
+    #[test]
+    fn a_lower_temporal_target_waits_for_the_next_frame() {
+        let t = Instant::now();
+        let mut f = video();
+        f.set_target(Some(Target { spatial: 0, temporal: 2 }));
+        let p = |seq: u64, tid: u8, start: bool, end: bool, key: bool, pid: u16| PacketMeta {
+            temporal: tid,
+            frame_start: start,
+            marker: end,
+            vp8: Some(Vp8Fields { picture_id: pid, picture_id_15bit: true, tl0_pic_idx: Some(0), key_idx: Some(0) }),
+            ..pkt(0, seq, 3000 * u64::from(pid), key)
+        };
+        assert!(matches!(f.on_packet(t, &p(0, 0, true, true, true, 10)), Verdict::Forward { .. }));
+        // A two-packet layer-2 frame; the target drops to layer 0 between its packets.
+        assert!(matches!(f.on_packet(t, &p(1, 2, true, false, false, 11)), Verdict::Forward { .. }));
+        f.set_target(Some(Target { spatial: 0, temporal: 0 }));
+        let last = f.on_packet(t, &p(2, 2, false, true, false, 11));
+        assert!(matches!(last, Verdict::Forward { marker: true, .. }), "the frame is finished: {last:?}");
+        assert_eq!(f.on_packet(t, &p(3, 1, true, true, false, 12)), Verdict::Drop(DropReason::TemporalLayer), "the next frame above is dropped");
+        match f.on_packet(t, &p(4, 0, true, true, false, 13)) {
+            Verdict::Forward { vp8, .. } => assert_eq!(vp8.unwrap().picture_id, 12, "picture ids stay contiguous"),
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]

@@ -180,6 +180,17 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtcpToEngine {
             };
             if let Some(i) = packets.iter().position(known) {
                 packets.swap(0, i);
+            } else if let Some(&ours) = self.local_ssrcs.first()
+                && let Some(i) = packets.iter().position(|p| p.as_any().is::<TransportLayerCc>())
+                && let Some(fb) = packets[i].as_any().downcast_ref::<TransportLayerCc>()
+            {
+                // Transport-wide feedback names the stream of whatever packet arrived last,
+                // often an RTX one (probes, repairs) the stack does not route by: it is about the
+                // whole connection, so it is addressed to one of our streams instead of dropped.
+                let mut fb = fb.clone();
+                fb.media_ssrc = ours;
+                packets[i] = Box::new(fb);
+                packets.swap(0, i);
             }
             msg.message.add(Attribute::DeliverToApplication);
         }

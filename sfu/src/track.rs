@@ -81,12 +81,17 @@ pub struct Layer {
     pub max_temporal: u8,
     pub last_keyframe_request: Option<Instant>,
     pub last_keyframe_at: Option<Instant>,
-    /// Bitrate last measured while the layer was flowing (kept while it is paused).
+    /// The bitrate the allocator plans with (see `planning_bps`); kept while the layer pauses.
     pub known_bps: u64,
+    known_at: Option<Instant>,
+    /// Since when the layer has been flowing without a pause.
+    pub flowing_since: Instant,
     /// The engine told the publisher to stop sending this layer.
     pub paused_by_us: bool,
     pub last_needed_at: Instant,
 }
+
+const PLANNING_HALF_LIFE: Duration = Duration::from_secs(4);
 
 /// A layer not heard from for this long is inactive (paused by the publisher or its uplink).
 pub const LAYER_IDLE: Duration = Duration::from_millis(1500);
@@ -108,6 +113,8 @@ impl Layer {
             last_keyframe_request: None,
             last_keyframe_at: None,
             known_bps: 0,
+            known_at: None,
+            flowing_since: now,
             paused_by_us: false,
             last_needed_at: now,
         }
@@ -115,6 +122,36 @@ impl Layer {
 
     pub fn active(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.last_packet_at) < LAYER_IDLE
+    }
+
+    /// Records a packet of `bytes` arriving at `now`.
+    pub fn on_packet(&mut self, now: Instant, bytes: usize) {
+        if !self.active(now) {
+            self.flowing_since = now;
+        }
+        self.last_packet_at = now;
+        self.rate.add(now, bytes);
+    }
+
+    /// The bitrate to plan with: the highest one-second rate seen lately, decaying with a
+    /// half-life of `PLANNING_HALF_LIFE`. Encoders swing 2-4x with content and keyframes;
+    /// planning on the instantaneous rate would pick a layer in a quiet second that does not fit
+    /// in the next. The first second after a layer (re)starts is not measured (its window is
+    /// partial), and a paused layer keeps its last value.
+    pub fn planning_bps(&mut self, now: Instant) -> u64 {
+        let live = self.rate.bps(now);
+        if self.active(now) && now.saturating_duration_since(self.flowing_since) >= Duration::from_secs(1) && live > 0 {
+            let decayed = match self.known_at {
+                Some(at) => {
+                    let dt = now.saturating_duration_since(at).as_secs_f64();
+                    (self.known_bps as f64 * 0.5f64.powf(dt / PLANNING_HALF_LIFE.as_secs_f64())) as u64
+                }
+                None => 0,
+            };
+            self.known_bps = live.max(decayed);
+            self.known_at = Some(now);
+        }
+        self.known_bps
     }
 
     /// Capture time of a packet with extended timestamp `ext_ts`, from the last sender report.
@@ -212,6 +249,41 @@ mod tests {
         assert_eq!(m.bps(t0 + Duration::from_millis(3500)), 0);
         m.add(t0 + Duration::from_millis(3500), 500);
         assert_eq!(m.bps(t0 + Duration::from_millis(3550)), 4000);
+    }
+
+    #[test]
+    fn planning_rate_holds_peaks_ignores_restarts_and_survives_pauses() {
+        let t0 = Instant::now();
+        let mut l = Layer::new(None, 1, MediaKind::Video, 8, t0);
+        // `kbps` for `ms` milliseconds, one packet every 50 ms, starting at `from`; the planning
+        // rate sampled every 200 ms (like the allocation tick) is returned at the end.
+        let mut run = |l: &mut Layer, from: u64, ms: u64, kbps: u64| {
+            let mut at = 0;
+            let mut planned = 0;
+            while at < ms {
+                let now = t0 + Duration::from_millis(from + at);
+                l.on_packet(now, (kbps * 1000 / 8 / 20) as usize);
+                if at % 200 == 0 {
+                    planned = l.planning_bps(now);
+                }
+                at += 50;
+            }
+            planned
+        };
+        assert_eq!(run(&mut l, 0, 800, 500), 0, "nothing planned in the first second");
+        let steady = run(&mut l, 800, 2200, 500);
+        assert!((450_000..=525_000).contains(&steady), "{steady}");
+        // A quiet second: the plan stays near the peak rather than following it down.
+        let quiet = run(&mut l, 3000, 1000, 150);
+        assert!(quiet > 350_000, "{quiet}");
+        // Quiet for long: it decays towards the new rate.
+        let later = run(&mut l, 4000, 12_000, 150);
+        assert!(later < 200_000, "{later}");
+        // Paused (no packets) for 10 s: the last value is kept; on resume, a second of grace.
+        let kept = l.planning_bps(t0 + Duration::from_millis(26_000));
+        assert_eq!(kept, later);
+        let resumed = run(&mut l, 26_000, 600, 40);
+        assert_eq!(resumed, later, "the partial first second after a resume is not measured");
     }
 
     #[test]

@@ -30,7 +30,8 @@ pub(super) const ALLOCATION_INTERVAL: Duration = Duration::from_millis(200);
 pub(super) const PROBE_TICK: Duration = Duration::from_millis(10);
 /// Wait between probes: after a success, after a failure.
 const PROBE_AFTER_SUCCESS: Duration = Duration::from_millis(800);
-const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(3000);
+/// After a failed probe, this long times the failures in a row (at most 3).
+const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(1500);
 /// What a padding-only probe packet costs on the wire (RTP header, extensions, padding, SRTP tag,
 /// UDP/IP).
 const PADDING_PACKET_BYTES: i64 = 70;
@@ -62,6 +63,10 @@ pub(super) struct SubscriberCc {
     /// Down track whose recent packets are resent as probe padding, and the next offset back.
     probe_cursor: u16,
     pub media_bps: crate::track::RateMeter,
+    /// Probes failed in a row (backs off the next one), and whether the last one succeeded
+    /// (the next may then aim higher).
+    probe_failures: u32,
+    last_probe_succeeded: bool,
 }
 
 impl SubscriberCc {
@@ -74,11 +79,13 @@ impl SubscriberCc {
             next_probe_at: now + Duration::from_secs(1),
             probe_cursor: 0,
             media_bps: Default::default(),
+            probe_failures: 0,
+            last_probe_succeeded: false,
         }
     }
 
     /// Adds this connection's header extensions to `header` and records the packet.
-    fn stamp(&mut self, now: Instant, header: &mut rtp::header::Header, size: usize) {
+    fn stamp(&mut self, now: Instant, header: &mut rtp::header::Header, size: usize, kind: SendKind) {
         let mut exts = Vec::with_capacity(2);
         if let Some(id) = self.twcc_ext {
             let seq = self.bwe.on_sent(now, header.ssrc, header.sequence_number, size);
@@ -95,17 +102,27 @@ impl SubscriberCc {
             header.extension_profile = 0xBEDE;
             header.extensions = exts;
         }
-        self.media_bps.add(now, size);
+        if kind == SendKind::Media {
+            self.media_bps.add(now, size);
+        }
     }
+}
+
+/// What a packet written to a subscriber is: probes are paced on top of the media rate, so they
+/// are not counted in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SendKind {
+    Media,
+    Probe,
 }
 
 impl Peer {
     /// Writes an RTP packet to this subscriber connection, with its congestion-control header
     /// extensions. Returns whether the stack took it.
-    pub(super) fn send_rtp(&mut self, now: Instant, metrics: &Metrics, mut packet: rtp::Packet) -> bool {
+    pub(super) fn send_rtp(&mut self, now: Instant, metrics: &Metrics, mut packet: rtp::Packet, kind: SendKind) -> bool {
         if let Some(cc) = self.cc.as_mut() {
             let size = packet.payload.len() + 12;
-            cc.stamp(now, &mut packet.header, size);
+            cc.stamp(now, &mut packet.header, size, kind);
         }
         let written = guarded(metrics, "write rtp", || self.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), packet) }));
         matches!(written, Some(Ok(())))
@@ -168,9 +185,20 @@ impl Engine {
         let Some(cc) = peer.cc.as_mut() else { return };
         cc.bwe.on_tick(now);
         let outcome = cc.bwe.take_probe_outcome();
+        if let Some(o) = outcome {
+            tracing::debug!(participant = %participant, outcome = ?o, estimate = cc.bwe.estimate_bps(), "probe finished");
+        }
         match outcome {
-            Some(ProbeOutcome::Succeeded(_)) => cc.next_probe_at = now + PROBE_AFTER_SUCCESS,
-            Some(ProbeOutcome::Failed) => cc.next_probe_at = now + PROBE_AFTER_FAILURE,
+            Some(ProbeOutcome::Succeeded(_)) => {
+                cc.next_probe_at = now + PROBE_AFTER_SUCCESS;
+                cc.probe_failures = 0;
+                cc.last_probe_succeeded = true;
+            }
+            Some(ProbeOutcome::Failed) => {
+                cc.probe_failures += 1;
+                cc.next_probe_at = now + PROBE_AFTER_FAILURE * cc.probe_failures.min(3);
+                cc.last_probe_succeeded = false;
+            }
             None => {}
         }
         let estimate = cc.bwe.estimate_bps();
@@ -193,14 +221,11 @@ impl Engine {
                 .iter_mut()
                 .enumerate()
                 .map(|(i, l)| {
-                    let live = l.rate.bps(now);
-                    if live > 0 && l.active(now) {
-                        l.known_bps = live;
-                    }
+                    let bps = l.planning_bps(now);
                     LayerOption {
                         spatial: track.spatial.get(i).copied().unwrap_or(0),
                         dims: l.dims,
-                        bps: l.known_bps,
+                        bps,
                         available: l.active(now) || l.paused_by_us,
                         temporal_layers: l.max_temporal + 1,
                     }
@@ -271,9 +296,11 @@ impl Engine {
             && now >= cc.next_probe_at
             && !cc.bwe.probing()
         {
-            // Aim for what the next step needs, with headroom, but at most 1.5× the estimate: a
-            // probe that overshoots a bottleneck by more fills its queue and costs media.
-            let mut target = ((total + extra) as f64 * 1.15).min(estimate * 1.5).max(estimate * 1.2);
+            // Aim for what the next step needs, with headroom, but at most 1.5× the estimate (2×
+            // right after a probe succeeded, to climb fast on a free path): a probe that
+            // overshoots a bottleneck by more fills its queue and costs media.
+            let reach = if cc.last_probe_succeeded { 2.0 } else { 1.5 };
+            let mut target = ((total + extra) as f64 * 1.15).min(estimate * reach).max(estimate * 1.2);
             if total <= audio_bps {
                 // All video is paused: aim straight for the lowest layer so it can come back.
                 target = target.max((total + extra) as f64 * 1.2);
@@ -324,10 +351,11 @@ impl Engine {
                 let cache_of = |ssrc: u32| track.layers.iter().find(|l| l.ssrc == ssrc).and_then(|l| l.cache.as_ref());
                 let Some(r) = d.forwarder.retransmission(seq, |src, in_seq| cache_of(src.ssrc)?.get(in_seq).map(|p| p.ext_ts)) else { continue };
                 let Some(cached) = cache_of(r.source.ssrc).and_then(|c| c.get(r.in_ext_seq)) else { continue };
-                due -= cached.payload.len() as i64 + 60;
+                let Some(payload) = d.resend_payload(seq, &cached.payload) else { continue };
+                due -= payload.len() as i64 + 60;
                 copies.push(rtp::Packet {
                     header: rtp::header::Header { version: 2, marker: cached.marker, payload_type: pt, sequence_number: seq, timestamp: r.out_ext_ts as u32, ssrc: d.out_ssrc, ..Default::default() },
-                    payload: cached.payload.clone(),
+                    payload,
                 });
             }
             if let Some(d) = peer.down.get_mut(dt_id) {
@@ -369,7 +397,7 @@ impl Engine {
         }
         let mut sent_any = false;
         for out in outs {
-            if peer.send_rtp(now, &self.metrics, out) {
+            if peer.send_rtp(now, &self.metrics, out, SendKind::Probe) {
                 self.metrics.probe_packets.inc();
                 sent_any = true;
             }

@@ -12,6 +12,7 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp;
 use warbler_media::{MediaKind, inspect_payload, keyframe_dimensions};
 
+use super::congestion::SendKind;
 use super::{DownTrackId, Engine, ENGINE_RTCP_SSRC, guarded};
 use crate::api::ConnectionState;
 use crate::forwarder::{DropReason, PacketMeta, Verdict, Vp8Fields};
@@ -76,8 +77,7 @@ impl Engine {
         };
         let clock = codec.clock_rate();
         let layer = &mut track.layers[layer_idx];
-        layer.last_packet_at = now;
-        layer.rate.add(now, packet.payload.len() + 12);
+        layer.on_packet(now, packet.payload.len() + 12);
         let ext_seq = layer.seq.extend(u64::from(packet.header.sequence_number));
         let ext_ts = layer.ts.extend(u64::from(packet.header.timestamp));
         let info = inspect_payload(codec, &packet.payload);
@@ -166,7 +166,7 @@ impl Engine {
                         payload,
                     };
                     let len = out.payload.len();
-                    match sub.send_rtp(now, &self.metrics, out) {
+                    match sub.send_rtp(now, &self.metrics, out, SendKind::Media) {
                         true => {
                             match kind {
                                 MediaKind::Audio => self.metrics.rtp_packets_forwarded_audio.inc(),
@@ -296,9 +296,9 @@ impl Engine {
                 continue;
             };
             let Some(cached) = cache_of(r.source).and_then(|c| c.get(r.in_ext_seq)) else { continue };
-            let payload = match dt.vp8_sent(r.out_wire_seq) {
-                Some(rw) => warbler_media::vp8::rewrite_descriptor(&cached.payload, rw).map(Bytes::from).unwrap_or_else(|| cached.payload.clone()),
-                None => cached.payload.clone(),
+            let Some(payload) = dt.resend_payload(r.out_wire_seq, &cached.payload) else {
+                self.metrics.dropped(DropReason::NotInCache).inc();
+                continue;
             };
             let out = rtp::Packet {
                 header: rtp::header::Header {
@@ -322,7 +322,7 @@ impl Engine {
                 Some(rtx) => rtx,
                 None => out,
             };
-            if peer.send_rtp(now, &self.metrics, out) {
+            if peer.send_rtp(now, &self.metrics, out, SendKind::Media) {
                 self.metrics.nack_retransmits.inc();
                 sent = true;
             }

@@ -209,6 +209,17 @@ impl DownTrack {
         })
     }
 
+    /// The payload to send again as output packet `seq`, from the cached source payload: VP8
+    /// carries the picture ids it was first sent with (a copy with the publisher's own ids would
+    /// reach the receiver as a different frame, and an old keyframe that way resets its
+    /// decoder's reference tracking); `None` when that is no longer known.
+    fn resend_payload(&self, seq: u16, cached: &bytes::Bytes) -> Option<bytes::Bytes> {
+        if self.codec != Codec::Vp8 {
+            return Some(cached.clone());
+        }
+        warbler_media::vp8::rewrite_descriptor(cached, self.vp8_sent(seq)?).map(bytes::Bytes::from)
+    }
+
     fn vp8_sent(&self, seq: u16) -> Option<Vp8Rewrite> {
         match self.vp8_history.get(usize::from(seq) % VP8_HISTORY)? {
             Some((s, r)) if *s == seq => Some(*r),
