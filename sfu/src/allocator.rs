@@ -74,6 +74,9 @@ pub struct Allocation {
     pub bps: u64,
     /// Total bitrate this track would use at its next step up, when the budget is what stops it.
     pub next_bps: Option<u64>,
+    /// Bitrate of the best step the subscriber could use (displayed size, layers offered),
+    /// whatever the budget: what probing aims for.
+    pub wanted_bps: u64,
 }
 
 const KEEP_FACTOR: f64 = 0.9;
@@ -184,6 +187,7 @@ pub fn allocate(budget_bps: u64, audio_bps: u64, demands: &[VideoDemand]) -> Vec
                 pause: pause[i],
                 bps: step.map_or(0, |s| s.bps),
                 next_bps: next_bps[i],
+                wanted_bps: if demands[i].visible { all_steps[i].last().map_or(0, |s| s.bps) } else { 0 },
             }
         })
         .collect()

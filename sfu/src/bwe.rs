@@ -293,6 +293,8 @@ pub struct Estimator {
     probe_lost: Vec<Instant>,
     /// The rate at which the path last congested (delay overuse or loss), and when.
     ceiling: Option<(f64, Instant)>,
+    /// The last loss fraction seen through NACKs, and when.
+    nack_loss: Option<(f64, Instant)>,
     last_outcome: Option<(Instant, ProbeOutcome)>,
     /// Send-time windows of recent probes: what was lost then is the probe's doing, not a loss
     /// rate of the path at the estimate.
@@ -329,6 +331,7 @@ impl Estimator {
             probe_reports: Vec::new(),
             probe_lost: Vec::new(),
             ceiling: None,
+            nack_loss: None,
             last_outcome: None,
             probe_windows: VecDeque::new(),
         }
@@ -480,10 +483,13 @@ impl Estimator {
         self.interval_lost = 0;
         self.interval_total = 0;
         if self.loss_avg > HIGH_LOSS {
-            let current = self.loss_target.min(self.target);
+            let current = self.loss_target.min(self.target).min(self.remb.unwrap_or(MAX_BPS));
             self.ceiling = Some((current, now));
-            // At most a 30% cut per interval, however bad the loss.
-            self.loss_target = (current * (1.0 - 0.5 * self.loss_avg.min(0.6))).clamp(MIN_BPS, MAX_BPS);
+            // With transport-cc, at most a 30% cut per interval (the delay-based part reacts
+            // first and better). Without it loss is the only signal: heavy loss means the path
+            // carried only the rest of what was sent, so the bound goes straight there.
+            let factor = if self.mode != Mode::TransportCc && self.loss_avg > 0.3 { (1.0 - self.loss_avg).max(0.2) } else { 1.0 - 0.5 * self.loss_avg.min(0.6) };
+            self.loss_target = (current * factor).clamp(MIN_BPS, MAX_BPS);
             self.last_loss_change = Some(now);
         } else if self.loss_avg < 0.02 && self.loss_target < MAX_BPS {
             self.loss_target = (self.loss_target * 1.08).min(MAX_BPS);
@@ -518,7 +524,35 @@ impl Estimator {
         if self.mode == Mode::Initial {
             self.mode = Mode::LossOnly;
         }
-        let loss = f64::from(fraction_lost) / 256.0;
+        let mut loss = f64::from(fraction_lost) / 256.0;
+        // Reports count repaired packets as received: while NACKs tell more, they win.
+        if let Some((nack_loss, at)) = self.nack_loss
+            && now.saturating_duration_since(at) < FEEDBACK_STALE
+        {
+            loss = loss.max(nack_loss);
+        }
+        self.on_loss_fraction(now, loss);
+    }
+
+    /// Loss seen through NACKs: packets asked for (first requests only) over packets sent since
+    /// the last call, for subscribers without transport-cc. Receiver reports count repaired
+    /// packets as received, so a link dropping a tenth of its packets can report almost no loss
+    /// while its video stalls waiting for repairs.
+    pub fn on_nack_loss(&mut self, now: Instant, nacked: usize, sent: usize) {
+        if (sent < 20 && nacked > 0) || (self.mode == Mode::TransportCc && self.last_feedback.is_some_and(|t| now.saturating_duration_since(t) < FEEDBACK_STALE)) {
+            return;
+        }
+        if self.mode == Mode::Initial {
+            self.mode = Mode::LossOnly;
+        }
+        // Little sent and nothing asked for counts as a clean interval, so a bound lowered by
+        // loss can grow back while the video runs on its lowest layer.
+        let loss = (nacked as f64 / sent.max(1) as f64).min(1.0);
+        self.nack_loss = Some((loss, now));
+        self.on_loss_fraction(now, loss);
+    }
+
+    fn on_loss_fraction(&mut self, now: Instant, loss: f64) {
         if self.mode == Mode::LossOnly {
             self.loss_avg = 0.7 * self.loss_avg + 0.3 * loss;
             // No other signal: loss moves the estimate itself.
@@ -532,9 +566,11 @@ impl Estimator {
             }
             self.last_change = Some(now);
         } else {
-            // A receiver report covers its own interval: judge it as such.
+            // A report covers its own interval: judge it as such (the worst of what receiver
+            // reports and NACKs said since the bound last moved).
+            let pending = if self.interval_total > 0 { self.interval_lost as f64 / self.interval_total as f64 } else { 0.0 };
             self.interval_total = 100;
-            self.interval_lost = (loss * 100.0).round() as usize;
+            self.interval_lost = (loss.max(pending) * 100.0).round() as usize;
             self.loss_control(now, None);
         }
     }
@@ -846,6 +882,31 @@ mod tests {
         assert!(matches!(probe_through_bucket(&mut e, t, 750_000.0, 0.0, 0.0), Some(ProbeOutcome::Succeeded(r)) if r > 650_000.0));
         assert!(e.ceiling.is_none());
         assert!(e.estimate_bps() > 650_000.0, "{}", e.estimate_bps());
+    }
+
+    #[test]
+    fn without_transport_cc_nacked_packets_lower_the_estimate_even_when_reports_show_none() {
+        let t = Instant::now();
+        let mut e = Estimator::new(1_000_000.0);
+        e.on_remb(t, 800_000.0);
+        assert_eq!(e.mode(), Mode::Remb);
+        // The receiver still reports 800k and no loss (its repairs arrive), but a fifth of the
+        // packets had to be asked for again, second after second.
+        for i in 1..=4u64 {
+            let now = t + Duration::from_millis(1000 * i);
+            e.on_remb(now, 800_000.0);
+            e.on_receiver_report(now, 0);
+            e.on_nack_loss(now + Duration::from_millis(10), 20, 100);
+        }
+        assert!(e.estimate_bps() < 600_000.0, "{}", e.estimate_bps());
+        // Clean again: it recovers towards what the receiver says.
+        let before = e.estimate_bps();
+        for i in 5..=12u64 {
+            let now = t + Duration::from_millis(1000 * i);
+            e.on_remb(now, 800_000.0);
+            e.on_nack_loss(now, 0, 100);
+        }
+        assert!(e.estimate_bps() > before, "{before} → {}", e.estimate_bps());
     }
 
     #[test]

@@ -330,7 +330,7 @@ impl Forwarder {
                 if p.padding_only {
                     return Verdict::Drop(DropReason::PaddingOnly);
                 }
-                if !is_audio && !(p.keyframe_start && p.spatial <= target.spatial) {
+                if !is_audio && (!p.keyframe_start || p.spatial > target.spatial) {
                     return Verdict::Drop(DropReason::WaitingForKeyframe);
                 }
                 self.start_segment(now, p, target);

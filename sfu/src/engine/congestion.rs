@@ -29,8 +29,10 @@ pub(super) const ALLOCATION_INTERVAL: Duration = Duration::from_millis(200);
 /// Tick while a probe is being paced out.
 pub(super) const PROBE_TICK: Duration = Duration::from_millis(10);
 /// Wait between probes: after a success, after a failure.
-const PROBE_AFTER_SUCCESS: Duration = Duration::from_millis(800);
-/// After a failed probe, this long times the failures in a row (at most 3).
+const PROBE_AFTER_SUCCESS: Duration = Duration::from_millis(500);
+/// How often NACKs are turned into a loss sample (subscribers without transport-cc).
+const LOSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(1000);
+/// After a failed probe, this long times the failures in a row (at most 2).
 const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(1500);
 /// What a padding-only probe packet costs on the wire (RTP header, extensions, padding, SRTP tag,
 /// UDP/IP).
@@ -67,6 +69,14 @@ pub(super) struct SubscriberCc {
     /// (the next may then aim higher).
     probe_failures: u32,
     last_probe_succeeded: bool,
+    /// Since the last loss sample: media packets sent, and packets NACKed for the first time.
+    pub packets_sent: usize,
+    pub packets_nacked: usize,
+    next_loss_sample: Instant,
+    /// Without transport-cc (REMB): total rate to pad up to while more is wanted, so the
+    /// receiver's estimate (bounded by what it receives) can grow; and when padding last ran.
+    remb_pad_bps: f64,
+    last_pad_at: Instant,
 }
 
 impl SubscriberCc {
@@ -81,6 +91,11 @@ impl SubscriberCc {
             media_bps: Default::default(),
             probe_failures: 0,
             last_probe_succeeded: false,
+            packets_sent: 0,
+            packets_nacked: 0,
+            next_loss_sample: now + LOSS_SAMPLE_INTERVAL,
+            remb_pad_bps: 0.0,
+            last_pad_at: now,
         }
     }
 
@@ -104,6 +119,7 @@ impl SubscriberCc {
         }
         if kind == SendKind::Media {
             self.media_bps.add(now, size);
+            self.packets_sent += 1;
         }
     }
 }
@@ -184,6 +200,12 @@ impl Engine {
         let participant = peer.participant;
         let Some(cc) = peer.cc.as_mut() else { return };
         cc.bwe.on_tick(now);
+        if now >= cc.next_loss_sample {
+            cc.bwe.on_nack_loss(now, cc.packets_nacked, cc.packets_sent);
+            cc.packets_nacked = 0;
+            cc.packets_sent = 0;
+            cc.next_loss_sample = now + LOSS_SAMPLE_INTERVAL;
+        }
         let outcome = cc.bwe.take_probe_outcome();
         if let Some(o) = outcome {
             tracing::debug!(participant = %participant, outcome = ?o, estimate = cc.bwe.estimate_bps(), "probe finished");
@@ -196,7 +218,7 @@ impl Engine {
             }
             Some(ProbeOutcome::Failed) => {
                 cc.probe_failures += 1;
-                cc.next_probe_at = now + PROBE_AFTER_FAILURE * cc.probe_failures.min(3);
+                cc.next_probe_at = now + PROBE_AFTER_FAILURE * cc.probe_failures.min(2);
                 cc.last_probe_succeeded = false;
             }
             None => {}
@@ -253,18 +275,35 @@ impl Engine {
         }
         // Before any feedback, do not restrict: browsers start fine and the first feedback comes
         // within a second. Without any feedback mechanism at all, loss-based (Mode::LossOnly).
-        let budget = if mode == Mode::Initial { u64::MAX / 4 } else { estimate as u64 };
+        let budget = match mode {
+            Mode::Initial => u64::MAX / 4,
+            Mode::TransportCc => estimate as u64,
+            // Without transport-cc there is no probing to find the way back from a pause, and
+            // the receiver's own estimate (REMB) falls when nothing arrives: keep the lowest
+            // layers flowing.
+            Mode::Remb | Mode::LossOnly => {
+                let floor: u64 = demands
+                    .iter()
+                    .filter(|d| d.visible)
+                    .filter_map(|d| d.layers.iter().filter(|l| l.available && l.bps > 0).map(|l| l.bps).min())
+                    .sum();
+                (estimate as u64).max(audio_bps + floor)
+            }
+        };
         let allocations = allocate(budget, audio_bps, &demands);
         let mut wants_more: Option<u64> = None;
+        let mut wanted_total = audio_bps;
         let mut events = Vec::new();
         let mut total = audio_bps;
         for a in allocations {
             let Some(d) = peer.down.get_mut(&DownTrackId(a.id)) else { continue };
             let target = a.target.map(|(s, t)| Target { spatial: s, temporal: t });
             if d.forwarder.target() != target {
+                tracing::debug!(participant = %participant, track = ?d.source_track, estimate, from = ?d.forwarder.target(), to = ?target, current = ?d.forwarder.current_spatial(), "layer target");
                 d.forwarder.set_target(target);
             }
             total += a.bps;
+            wanted_total += a.wanted_bps;
             if let Some(next) = a.next_bps {
                 let extra = next.saturating_sub(a.bps);
                 wants_more = Some(wants_more.map_or(extra, |w| w.min(extra)));
@@ -296,11 +335,13 @@ impl Engine {
             && now >= cc.next_probe_at
             && !cc.bwe.probing()
         {
-            // Aim for what the next step needs, with headroom, but at most 1.5× the estimate (2×
-            // right after a probe succeeded, to climb fast on a free path): a probe that
-            // overshoots a bottleneck by more fills its queue and costs media.
+            // Aim for everything the subscriber could use (not just the next step, so a freed
+            // link is found in a few probes), with headroom, but at most 1.5× the estimate (2×
+            // right after a probe succeeded): a probe that overshoots a bottleneck by more fills
+            // its queue and costs media.
             let reach = if cc.last_probe_succeeded { 2.0 } else { 1.5 };
-            let mut target = ((total + extra) as f64 * 1.15).min(estimate * reach).max(estimate * 1.2);
+            let goal = wanted_total.max(total + extra) as f64 * 1.15;
+            let mut target = goal.min(estimate * reach).max(estimate * 1.2);
             if total <= audio_bps {
                 // All video is paused: aim straight for the lowest layer so it can come back.
                 target = target.max((total + extra) as f64 * 1.2);
@@ -308,6 +349,20 @@ impl Engine {
             cc.bwe.start_probe(now, target);
             cc.next_probe_at = now + PROBE_AFTER_FAILURE;
             probe_target = Some(target);
+        }
+        // REMB: no probe clusters (the receiver does not say when each packet arrived), but
+        // its estimate is bounded by what it receives, so pad a little above the estimate while
+        // more is wanted and nothing is being lost.
+        if let Some(cc) = peer.cc.as_mut() {
+            let pad = match wants_more {
+                Some(extra) if mode == Mode::Remb && cc.bwe.loss() < 0.02 => (estimate * 1.25).min(wanted_total.max(total + extra) as f64 * 1.1),
+                _ => 0.0,
+            };
+            if pad > 0.0 && cc.remb_pad_bps == 0.0 {
+                cc.last_pad_at = now;
+                self.next_media_tick = now;
+            }
+            cc.remb_pad_bps = pad;
         }
         if let Some(t) = probe_target {
             tracing::debug!(participant = %participant, estimate, target = t, "probing");
@@ -326,11 +381,16 @@ impl Engine {
     fn pace_probe(&mut self, now: Instant, peer_id: PeerId) -> bool {
         let Some(peer) = self.peers.get_mut(&peer_id) else { return false };
         let Some(cc) = peer.cc.as_mut() else { return false };
-        if !cc.bwe.probing() {
-            return false;
-        }
         let media = cc.media_bps.bps(now) as f64;
-        let mut due = cc.bwe.probe_bytes_due(now, media) as i64;
+        let mut due = if cc.bwe.probing() {
+            cc.bwe.probe_bytes_due(now, media) as i64
+        } else if cc.remb_pad_bps > 0.0 {
+            let dt = now.saturating_duration_since(cc.last_pad_at).as_secs_f64().min(0.1);
+            cc.last_pad_at = now;
+            ((cc.remb_pad_bps - media).max(0.0) * dt / 8.0) as i64
+        } else {
+            return false;
+        };
         let mut cursor = cc.probe_cursor;
         let mut outs: Vec<rtp::Packet> = Vec::new();
         let video: Vec<DownTrackId> = peer.down.iter().filter(|(_, d)| d.kind == MediaKind::Video && d.out_pt.is_some()).map(|(id, _)| *id).collect();

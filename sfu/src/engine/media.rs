@@ -281,6 +281,9 @@ impl Engine {
             return;
         }
         let Some(dt) = peer.down.get_mut(&dt_id) else { return };
+        // First requests for packets still in the cache are a loss signal for subscribers
+        // without transport-cc (old ones asked again and again are not).
+        let first_asks: Vec<u16> = seqs.iter().copied().filter(|&s| dt.first_nack(s)).collect();
         let asked = seqs.len();
         let seqs: Vec<u16> = seqs.iter().copied().filter(|&s| dt.allow_retransmission(s, now)).collect();
         self.metrics.nacks_throttled.inc_by((asked - seqs.len()) as u64);
@@ -289,6 +292,7 @@ impl Engine {
         let Some(track) = self.tracks.get(&track_id) else { return };
         let cache_of = |src: SourceKey| track.layers.iter().find(|l| l.ssrc == src.ssrc).and_then(|l| l.cache.as_ref());
         let mut outs = Vec::new();
+        let mut lost_known = 0;
         for &seq in &seqs {
             let rtx = dt.forwarder.retransmission(seq, |src, in_seq| cache_of(src)?.get(in_seq).map(|p| p.ext_ts));
             let Some(r) = rtx else {
@@ -296,6 +300,9 @@ impl Engine {
                 continue;
             };
             let Some(cached) = cache_of(r.source).and_then(|c| c.get(r.in_ext_seq)) else { continue };
+            if first_asks.contains(&seq) {
+                lost_known += 1;
+            }
             let Some(payload) = dt.resend_payload(r.out_wire_seq, &cached.payload) else {
                 self.metrics.dropped(DropReason::NotInCache).inc();
                 continue;
@@ -313,6 +320,9 @@ impl Engine {
                 payload,
             };
             outs.push(out);
+        }
+        if let Some(cc) = peer.cc.as_mut() {
+            cc.packets_nacked += lost_known;
         }
         let mut sent = false;
         for out in outs {

@@ -177,6 +177,11 @@ impl DownTrack {
         self.vp8_history[usize::from(seq) % VP8_HISTORY] = Some((seq, r));
     }
 
+    /// Whether `seq` was not asked for before (as far as the recent log knows).
+    fn first_nack(&self, seq: u16) -> bool {
+        self.rtx_log.get(usize::from(seq) % RTX_LOG).is_none_or(|slot| slot.0 != seq || slot.2 == 0)
+    }
+
     /// Whether a NACK for output `seq` may be answered now (and records that it is).
     fn allow_retransmission(&mut self, seq: u16, now: Instant) -> bool {
         if self.rtx_log.is_empty() {
