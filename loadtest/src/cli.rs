@@ -395,6 +395,9 @@ async fn capacity_cmd(a: CapacityArgs) -> Result<ExitCode> {
             if r.delivered_packets == 0 {
                 why.push("no media delivered".into());
             }
+            if r.failed_participants > 0 {
+                why.push(format!("{} participants failed to join or connect", r.failed_participants));
+            }
             let held = why.is_empty();
             let tester_bound = r.tester_cores > a.tester_limit;
             if tester_bound {

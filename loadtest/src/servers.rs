@@ -77,6 +77,8 @@ pub async fn start_warbler(bin: &Path, http_port: u16, rtc_port: u16, cpu: Optio
         .args(["serve", "--listen", &format!("127.0.0.1:{http_port}"), "--rtc-port", &rtc_port.to_string(), "--public-ip", "127.0.0.1"])
         .arg("--data-dir")
         .arg(dir.join("data"))
+        // Capacity searches put hundreds of subscribers in one room (default limit 100).
+        .env("WARBLER_LIMITS__MAX_PARTICIPANTS_PER_ROOM", "10000")
         .env("RUST_LOG", std::env::var("WARBLER_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(log)
