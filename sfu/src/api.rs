@@ -177,6 +177,9 @@ pub enum ParticipantEvent {
     DataChannelClosed { label: String },
     /// A message on one of the participant's data channels.
     DataMessage { label: String, data: bytes::Bytes, is_text: bool },
+    /// A message on a data channel over the size limit, not delivered (the client is owed an
+    /// error by whoever speaks that channel's protocol).
+    DataMessageRefused { label: String, len: usize, limit: usize },
 }
 
 /// Errors a request can get. Each maps to one protocol error code.
@@ -200,7 +203,21 @@ pub enum EngineError {
     Internal(String),
     /// The data channel is missing, not open, or its reader is too slow.
     #[error("data channel unavailable: {0}")]
-    DataChannel(String),
+    DataChannel(DataChannelError),
+}
+
+/// Why a data channel message could not be sent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DataChannelError {
+    /// The participant has no open channel with that label.
+    #[error("no open channel with that label")]
+    NotOpen,
+    /// More than the backlog limit is waiting for the receiver: it reads too slowly.
+    #[error("the receiver is too slow")]
+    Backpressure,
+    /// The WebRTC stack refused the message.
+    #[error("send failed: {0}")]
+    Failed(String),
 }
 
 /// Engine tunables.

@@ -49,6 +49,9 @@ pub struct Limits {
     pub ws_messages_per_second: u32,
     /// Concurrent WebSocket connections for the whole server.
     pub max_ws_connections: usize,
+    /// Largest data channel message accepted (larger ones are refused with an error on that
+    /// channel's protocol, e.g. chat's `too_long`).
+    pub max_data_message_bytes: usize,
 }
 
 impl Default for Limits {
@@ -59,6 +62,7 @@ impl Default for Limits {
             max_sdp_bytes: 64 * 1024,
             ws_messages_per_second: 50,
             max_ws_connections: 10_000,
+            max_data_message_bytes: 64 * 1024,
         }
     }
 }

@@ -227,7 +227,7 @@ pub fn event_json(ev: &ParticipantEvent) -> Option<Value> {
             let map: serde_json::Map<String, Value> = layers.iter().map(|(rid, on)| (rid.clone(), json!(on))).collect();
             json!({ "type": "layers", "track": track.to_string(), "active": map })
         }
-        ParticipantEvent::DataChannelOpen { .. } | ParticipantEvent::DataChannelClosed { .. } | ParticipantEvent::DataMessage { .. } => return None,
+        ParticipantEvent::DataChannelOpen { .. } | ParticipantEvent::DataChannelClosed { .. } | ParticipantEvent::DataMessage { .. } | ParticipantEvent::DataMessageRefused { .. } => return None,
     })
 }
 

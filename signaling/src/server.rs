@@ -63,6 +63,7 @@ pub async fn start(config: Config) -> anyhow::Result<Server> {
     let engine_cfg = EngineConfig {
         max_participants_per_room: config.limits.max_participants_per_room,
         max_sdp_bytes: config.limits.max_sdp_bytes,
+        max_data_message_bytes: config.limits.max_data_message_bytes,
         ..EngineConfig::default()
     };
     let net = RtcNetConfig { port: config.rtc_port, public_ips: config.public_ip.clone() };

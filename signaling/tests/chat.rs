@@ -113,6 +113,7 @@ async fn refusals_on_the_data_channel_are_answered_not_dropped() {
         c.chat.max_text_bytes = 64;
         c.chat.messages_per_second = 1;
         c.chat.burst = 5;
+        c.limits.max_data_message_bytes = 1024;
     })
     .await;
     let mut alice = ChatClient::connect(&srv.ws_url, &srv.token("strict", "alice", "chat")).await;
@@ -120,6 +121,12 @@ async fn refusals_on_the_data_channel_are_answered_not_dropped() {
 
     let e = alice.chat("big", &"x".repeat(65)).await;
     assert_eq!((e["type"].as_str(), e["code"].as_str(), e["id"].as_str()), (Some("error"), Some("too_long"), Some("big")), "{e}");
+    // Over the data channel message limit (here 1 KiB): the engine refuses it unread, and the
+    // client still hears why.
+    alice.send_raw(&json!({"type":"chat","id":"huge","text":"y".repeat(2000)}).to_string()).await;
+    let e = alice.wait_type("error").await;
+    assert_eq!(e["code"], "too_long", "{e}");
+    assert!(srv.metric("warbler_data_messages_dropped_total", None).await >= 1.0);
     alice.send_raw("this is not json").await;
     assert_eq!(alice.wait_type("error").await["code"], "bad_message");
     alice.send(json!({"type":"chat","text":"no id","req":"r1"})).await;

@@ -926,7 +926,8 @@ impl Engine {
         };
         if msg.data.len() > self.cfg.max_data_message_bytes {
             self.metrics.data_messages_dropped.inc();
-            debug!(participant = %participant, len = msg.data.len(), "oversized data channel message dropped");
+            info!(participant = %participant, label = %label, len = msg.data.len(), "oversized data channel message refused");
+            self.emit(participant, ParticipantEvent::DataMessageRefused { label, len: msg.data.len(), limit: self.cfg.max_data_message_bytes });
             return;
         }
         self.metrics.data_messages_in.inc();
@@ -953,21 +954,21 @@ impl Engine {
             .into_iter()
             .flatten()
             .find(|peer| self.peers.get(peer).is_some_and(|x| x.data_channels.contains_key(label)))
-            .ok_or_else(|| EngineError::DataChannel(format!("no open data channel {label:?}")))?;
+            .ok_or(EngineError::DataChannel(DataChannelError::NotOpen))?;
         let backlog_limit = self.cfg.max_data_channel_backlog_bytes;
         let peer = self.peers.get_mut(&peer_id).ok_or(EngineError::UnknownParticipant)?;
         let id = peer.data_channels[label];
         let result = guarded(&self.metrics, "data send", || -> Result<(), EngineError> {
-            let mut dc = peer.pc.data_channel(id).ok_or_else(|| EngineError::DataChannel("closed".into()))?;
+            let mut dc = peer.pc.data_channel(id).ok_or(EngineError::DataChannel(DataChannelError::NotOpen))?;
             if dc.outstanding_bytes() + data.len() > backlog_limit {
-                return Err(EngineError::DataChannel("receiver too slow".into()));
+                return Err(EngineError::DataChannel(DataChannelError::Backpressure));
             }
             let sent = if is_text {
                 dc.send_text(now, String::from_utf8_lossy(data).into_owned())
             } else {
                 dc.send(now, BytesMut::from(data))
             };
-            sent.map_err(|e| EngineError::DataChannel(e.to_string()))
+            sent.map_err(|e| EngineError::DataChannel(DataChannelError::Failed(e.to_string())))
         })
         .unwrap_or_else(|| Err(EngineError::Internal("WebRTC stack failure".into())));
         match result {

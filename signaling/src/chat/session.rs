@@ -30,7 +30,7 @@ type Out = Vec<(Value, &'static str)>;
 pub struct ChatLink {
     service: Arc<ChatService>,
     actor: Actor,
-    inbox: Option<mpsc::UnboundedSender<(Bytes, bool)>>,
+    inbox: Option<mpsc::UnboundedSender<Inbound>>,
 }
 
 impl ChatLink {
@@ -39,7 +39,7 @@ impl ChatLink {
         Self { service, actor, inbox: None }
     }
 
-    fn start(&mut self) -> &mpsc::UnboundedSender<(Bytes, bool)> {
+    fn start(&mut self) -> &mpsc::UnboundedSender<Inbound> {
         self.inbox.get_or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(run(self.service.clone(), self.actor.clone(), rx));
@@ -61,7 +61,11 @@ impl ChatLink {
                 true
             }
             ParticipantEvent::DataMessage { label, data, is_text } if label == CHAT_LABEL => {
-                let _ = self.start().send((data.clone(), *is_text));
+                let _ = self.start().send(Inbound::Message(data.clone(), *is_text));
+                true
+            }
+            ParticipantEvent::DataMessageRefused { label, len, limit } if label == CHAT_LABEL => {
+                let _ = self.start().send(Inbound::TooLarge { len: *len, limit: *limit });
                 true
             }
             _ => false,
@@ -69,7 +73,14 @@ impl ChatLink {
     }
 }
 
-async fn run(service: Arc<ChatService>, actor: Actor, mut inbox: mpsc::UnboundedReceiver<(Bytes, bool)>) {
+/// What arrives on a chat data channel.
+enum Inbound {
+    Message(Bytes, bool),
+    /// A message the engine refused for its size (never parsed: its id is unknown).
+    TooLarge { len: usize, limit: usize },
+}
+
+async fn run(service: Arc<ChatService>, actor: Actor, mut inbox: mpsc::UnboundedReceiver<Inbound>) {
     let Some(me) = actor.participant else { return };
     greet(&service, &actor, me).await;
     let cfg = service.config();
@@ -79,7 +90,11 @@ async fn run(service: Arc<ChatService>, actor: Actor, mut inbox: mpsc::Unbounded
     loop {
         tokio::select! {
             m = inbox.recv(), if pending.len() < MAX_IN_FLIGHT => match m {
-                Some((data, is_text)) => pending.push_back(handle(&service, &actor, &limiter, &data, is_text)),
+                Some(Inbound::Message(data, is_text)) => pending.push_back(handle(&service, &actor, &limiter, &data, is_text)),
+                Some(Inbound::TooLarge { len, limit }) => {
+                    service.metrics.messages_in.with_label_values(&["invalid", "data_channel"]).inc();
+                    pending.push_back(ready(refusal(&service, ChatError::TooLong { len, max: limit }, None, &None)));
+                }
                 None => break,
             },
             Some(out) = pending.next(), if !pending.is_empty() => {

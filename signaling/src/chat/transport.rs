@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use warbler_sfu::api::EngineError;
+use warbler_sfu::api::{DataChannelError, EngineError};
 use warbler_sfu::ids::{ParticipantId, RoomName};
 use warbler_sfu::shell::EngineHandle;
 
@@ -71,13 +71,10 @@ impl Transport for EngineTransport {
     }
 }
 
-/// The engine reports data channel failures as text (see the report to the engine owner: a typed
-/// reason would be better).
 fn classify(e: &EngineError) -> DeliveryFailure {
     match e {
-        EngineError::UnknownParticipant => DeliveryFailure::NoChannel,
-        EngineError::DataChannel(m) if m.contains("slow") => DeliveryFailure::Slow,
-        EngineError::DataChannel(m) if m.contains("no open data channel") || m.contains("closed") => DeliveryFailure::NoChannel,
+        EngineError::UnknownParticipant | EngineError::DataChannel(DataChannelError::NotOpen) => DeliveryFailure::NoChannel,
+        EngineError::DataChannel(DataChannelError::Backpressure) => DeliveryFailure::Slow,
         _ => DeliveryFailure::Other,
     }
 }
