@@ -395,15 +395,11 @@ impl World {
             RtpCodecKind::Audio,
         )?;
         if publisher {
-            for kind in [RtpCodecKind::Video] {
+            // Simulcast layers carry mid and rid (video only).
+            for uri in [URI_MID, URI_RID] {
                 me.register_header_extension(
-                    rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: URI_MID.into() },
-                    kind,
-                    None,
-                )?;
-                me.register_header_extension(
-                    rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: URI_RID.into() },
-                    kind,
+                    rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: uri.into() },
+                    RtpCodecKind::Video,
                     None,
                 )?;
             }
@@ -1073,7 +1069,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestsToApp {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let IPacket::Rtcp(packets) = &mut msg.message.packet {
-            let wanted = |p: &Box<dyn rtc::rtcp::Packet>| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>();
+            let wanted = |p: &Box<dyn rtc::rtcp::Packet>| {
+                let any = p.as_ref().as_any();
+                any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+            };
             if packets.iter().any(wanted) {
                 packets.retain(wanted);
                 msg.message.add(Attribute::DeliverToApplication);
