@@ -56,7 +56,11 @@ fn engine_error(e: EngineError) -> Response {
 /// The bearer token of a request, verified and checked against `room` and `grant`.
 pub fn bearer(state: &AppState, headers: &HeaderMap, room: &str, grant: Option<&'static str>) -> Result<AccessToken, Response> {
     let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).unwrap_or("");
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
+    let token = match value.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => "",
+    };
     let access = state.keys.verify(token, unix_now()).map_err(auth_error)?;
     access.require(room, grant).map_err(auth_error)?;
     Ok(access)

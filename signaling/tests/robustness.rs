@@ -120,6 +120,11 @@ async fn bad_tokens_and_malformed_messages_are_refused_while_the_room_keeps_work
     }
     let res = http.delete(format!("{}/whip/r/nosuchsession", srv.base)).bearer_auth(srv.token("r", "w", "publish")).send().await.unwrap();
     assert_eq!(res.status().as_u16(), 404);
+    // The auth scheme is case-insensitive: the token is read (and checked) whatever its case.
+    let res = http.delete(format!("{}/whip/r/nosuchsession", srv.base)).header("Authorization", format!("BEARER {}", srv.token("r", "w", "publish"))).send().await.unwrap();
+    assert_eq!(res.status().as_u16(), 404, "BEARER accepted");
+    let res = http.delete(format!("{}/whip/r/nosuchsession", srv.base)).header("Authorization", format!("Basic {}", srv.token("r", "w", "publish"))).send().await.unwrap();
+    assert_eq!(res.status().as_u16(), 401, "another scheme is not");
     let res = http.post(format!("{}/whep/r/alice", srv.base)).header("Content-Type", "application/sdp").body("v=0").send().await.unwrap();
     assert_eq!(res.status().as_u16(), 401);
 
