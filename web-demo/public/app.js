@@ -1,8 +1,11 @@
-// App: the page's UI — join form and tokens, video grid, participant list, controls, device picker,
-// error banner — driving one Session at a time; also exposes the `window.warbler` test hook.
+// App: the page's UI — join form and tokens, video grid, chat panel, participant list, controls,
+// device picker, error banner — driving one Session at a time; also exposes the `window.warbler`
+// test hook.
 import { Session } from './session.js';
 import { AdaptiveStream } from './adaptive.js';
 import { QualityMonitor } from './quality.js';
+import { ChatClient } from './chat.js';
+import { ChatPanel } from './chat-panel.js';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -14,13 +17,24 @@ const ui = {
   cameraSelect: $('camera-select'), micSelect: $('mic-select'), publish: $('publish-input'),
   banner: $('banner'), bannerList: $('banner-list'), bannerClose: $('banner-close'),
 };
+const chatEls = {
+  panel: $('chat-panel'), body: $('chat-body'), toggle: $('chat-toggle'), button: $('chat-button'),
+  buttonBadge: $('chat-button-badge'), unread: $('chat-unread'), mentions: $('chat-mentions'), status: $('chat-status'),
+  searchForm: $('chat-search-form'), search: $('chat-search'), results: $('chat-results'), resultsTitle: $('chat-results-title'),
+  resultsClose: $('chat-results-close'), resultsList: $('chat-results-list'), scroll: $('chat-scroll'), older: $('chat-older'),
+  list: $('chat-list'), typing: $('chat-typing'), notice: $('chat-notice'), errors: $('chat-errors'), form: $('chat-form'),
+  input: $('chat-input'), counter: $('chat-counter'),
+};
 
 let session = null;
 const errors = []; // everything shown in the banner: {code, message, at}
-const tabSuffix = Math.random().toString(36).slice(2, 8); // identity = name + this, one per tab
+const tabSuffix = tabId(); // identity = name + this, one per tab (kept across reloads of the tab)
 const adaptive = new AdaptiveStream(() => session);
 const quality = new QualityMonitor(() => session, ui.grid);
 let pinnedKey = null; // the tile the user pinned: shown large, its track gets bandwidth first
+let chat = null; // ChatClient of the current (or last) room: kept across rejoins of that room
+// Small screens start with the chat collapsed (the unread count shows on its header and button).
+const chatPanel = new ChatPanel(chatEls, { collapsed: matchMedia('(max-width: 700px)').matches });
 
 // ---- join / leave ----
 
@@ -62,6 +76,16 @@ async function fetchDevToken(room, identity, name) {
   return (await res.json()).token;
 }
 
+function tabId() {
+  try {
+    let id = sessionStorage.getItem('warbler.tab');
+    if (!id) sessionStorage.setItem('warbler.tab', id = Math.random().toString(36).slice(2, 8));
+    return id;
+  } catch {
+    return Math.random().toString(36).slice(2, 8);
+  }
+}
+
 function identityFor(name) {
   const slug = name.toLowerCase().replace(/[^a-z0-9]+/g, '-').replace(/^-|-$/g, '').slice(0, 40) || 'guest';
   return `${slug}-${tabSuffix}`;
@@ -75,8 +99,15 @@ async function enterRoom(room, token, publish = true) {
   s.addEventListener('ended', () => {
     if (session !== s) return;
     session = null;
+    chat?.detach();
     showJoinForm();
   });
+  if (chat?.room !== room) {
+    chat?.dispose();
+    chat = new ChatClient(room);
+  }
+  chatPanel.bind(chat);
+  s.addEventListener('chatchannel', (e) => session === s && chat.attach(e.detail));
   ui.title.textContent = `room ${room}`;
   showRoomView();
   const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
@@ -335,4 +366,26 @@ window.warbler = {
     }));
   },
   get session() { return session; },
+  /** The chat panel's model: what it holds and shows, and the actions of its controls. */
+  chat: {
+    state: () => chat && {
+      room: chat.room, identity: chat.identity, name: chat.name, ready: chat.ready, channelState: chat.channelState,
+      canChat: chat.canChat, admin: chat.admin, limits: { ...chat.limits }, latestSeq: chat.latestSeq, rev: chat.rev,
+      lastRead: chat.lastRead, unread: chat.unread, unreadMentions: chat.unreadMentions, hasOlder: chat.hasOlder,
+      pending: chat.pending.map((p) => ({ id: p.id, text: p.text, status: p.status, error: p.error, attempts: p.attempts })),
+      typing: chat.typingNames(), receipts: Object.fromEntries(chat.receipts), errors: chat.errors.map((e) => ({ ...e })),
+      search: chat.search && structuredClone(chat.search), stats: structuredClone(chat.stats), collapsed: chatPanel.collapsed,
+    },
+    /** Stored messages (by seq) then pending ones; `receivedAt`/`sentAt`/`ackedAt` are this page's clock. */
+    messages: () => (chat ? chat.list().map((m) => structuredClone(m)) : []),
+    send: (text) => chat?.send(text) ?? null,
+    edit: (seq, text) => chat.edit(seq, text),
+    delete: (seq) => chat.delete(seq),
+    react: (seq, emoji, on) => chat.react(seq, emoji, on),
+    search: async (q) => structuredClone(await chat.runSearch(q)),
+    loadOlder: () => chat.loadOlder(),
+    setCollapsed: (collapsed) => chatPanel.setCollapsed(collapsed),
+    /** Test hook: ignore the next `n` acks, as if they were lost with the connection. */
+    dropAcks: (n = 1) => chat.dropAcks(n),
+  },
 };

@@ -29,6 +29,7 @@ export class Session extends EventTarget {
   serverStates = { publisher: null, subscriber: null }; // as the server reports them
   paused = new Map(); // trackSid -> reason ('bandwidth' | 'hidden' | 'feed_dry'): the server stopped sending it
   publishing = true; // false: subscribe-only (no camera, no microphone)
+  chatChannel = null; // the `chat` data channel on the publisher connection (see chat.js)
 
   #subTracks = {}; // mid -> track sid, from the latest subscriber_offer
   #streamByMid = new Map(); // mid -> msid stream id (= publisher participant sid)
@@ -45,11 +46,15 @@ export class Session extends EventTarget {
   #sentSettings = new Map(); // trackSid -> JSON of the last track_settings sent for it
   #quietReq = QUIET_REQ_BASE;
   #quietReqs = new Set();
+  #chatWanted = false;
 
   /** Connects, joins with `token` and publishes camera + microphone (unless `publish` is false:
-   *  subscribe-only). Throws if the join fails. */
-  async join({ wsUrl, token, publish = true }) {
+   *  subscribe-only), with the `chat` data channel on the publisher connection (unless `chat` is
+   *  false; a data-channel-only offer needs no publish grant). Emits 'chatchannel' with the
+   *  channel when it is created. Throws if the join fails. */
+  async join({ wsUrl, token, publish = true, chat = true }) {
     this.publishing = publish;
+    this.#chatWanted = chat;
     this.sig = new Signaling();
     this.sig.addEventListener('message', (e) => this.#onMessage(e.detail));
     this.sig.addEventListener('close', (e) => this.#onClose(e.detail));
@@ -63,7 +68,9 @@ export class Session extends EventTarget {
     }
     this.#pingTimer = setInterval(() => this.sig.send({ type: 'ping' }), PING_INTERVAL_MS);
     if (publish) await this.#startLocalMedia();
-    if (this.local.size) await this.#negotiatePublisher();
+    // The data channel after the media, so its m-line comes last in the offer.
+    if (chat && !this.#ended) this.#openChat();
+    if (this.local.size || this.chatChannel) await this.#negotiatePublisher();
   }
 
   /** Leaves the room: tells the server, closes both connections, stops local media. */
@@ -164,6 +171,7 @@ export class Session extends EventTarget {
       paused: Object.fromEntries(this.paused),
       publisherState: this.pub?.connectionState ?? 'new',
       subscriberState: this.sub?.connectionState ?? 'new',
+      chatChannelState: this.chatChannel?.readyState ?? null,
       serverStates: { ...this.serverStates },
     };
   }
@@ -337,6 +345,27 @@ export class Session extends EventTarget {
     return this.pub;
   }
 
+  /** Creates the reliable, ordered `chat` data channel on the publisher connection. */
+  #openChat() {
+    const pc = this.#ensurePublisher();
+    this.chatChannel = pc.createDataChannel('chat');
+    this.dispatchEvent(new CustomEvent('chatchannel', { detail: this.chatChannel }));
+  }
+
+  /** The first publish was refused for lack of the publish grant: chat needs no such grant, so
+   *  start over with a publisher connection that carries only the data channel. */
+  #retryChatOnly() {
+    for (const l of this.local.values()) l.track.stop();
+    this.local.clear();
+    this.publishing = false;
+    this.pub?.close();
+    this.pub = null;
+    this.chatChannel = null;
+    this.#pendingCandidates.publisher = [];
+    this.#openChat();
+    this.#negotiatePublisher();
+  }
+
   #addLocal(source, track, stream) {
     const pc = this.#ensurePublisher();
     const init = { direction: 'sendonly', streams: [stream] };
@@ -450,6 +479,8 @@ export class Session extends EventTarget {
       } catch (e) {
         this.#report(e, 'Publishing failed');
         if (pc.signalingState === 'have-local-offer') await pc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+        const firstOffer = !this.#signaled.publisher;
+        if (e.code === 'forbidden' && firstOffer && this.#chatWanted && this.local.size && !this.#ended) this.#retryChatOnly();
       }
       this.#changed();
     });
