@@ -44,7 +44,7 @@ export class ChatClient extends EventTarget {
   errors = []; // inline errors not tied to a pending message: {code, message, op, at}
   search = null; // {q, busy, results, truncated, error}
   loadingOlder = false;
-  stats = { hellos: 0, sent: 0, resent: 0, acks: 0, duplicateAcks: 0, typingSent: 0, readsSent: 0, refusals: {} };
+  stats = { hellos: 0, sent: 0, resent: 0, acks: 0, duplicateAcks: 0, typingSent: 0, readsSent: 0, droppedAcks: 0, refusals: {} };
 
   #dc = null;
   #nextReq = 1;
@@ -423,6 +423,7 @@ export class ChatClient extends EventTarget {
   #onAck(msg) {
     if (this.#dropAcks > 0) {
       this.#dropAcks--;
+      this.stats.droppedAcks++;
       return;
     }
     const i = this.pending.findIndex((p) => p.id === msg.id);

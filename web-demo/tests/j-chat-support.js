@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { poll, warblerBin } from './harness.js';
+import { fill, poll, warblerBin } from './harness.js';
 
 export const chatState = (page) => page.evaluate(() => window.warbler.chat.state());
 export const chatMessages = (page) => page.evaluate(() => window.warbler.chat.messages());
@@ -45,10 +45,11 @@ export async function waitChatReady(page, what = 'the chat to connect', timeout 
   }, { timeout });
 }
 
-/** Types `text` into the composer and presses Enter (as a user would). */
+/** Types `text` into the composer and presses Enter, as a user would (Playwright or Puppeteer). */
 export async function sendViaUi(page, text) {
-  await page.fill('#chat-input', text);
-  await page.press('#chat-input', 'Enter');
+  await fill(page, '#chat-input', text);
+  await page.focus('#chat-input');
+  await page.keyboard.press('Enter');
 }
 
 /** The first panel entry whose text is `text` (polls until `pred` holds for it). */
