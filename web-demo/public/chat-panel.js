@@ -55,6 +55,8 @@ export class ChatPanel {
     el.resultsClose.addEventListener('click', () => {
       el.search.value = '';
       this.chat?.clearSearch();
+      this.render();
+      this.#scrollToBottom(true);
     });
     document.addEventListener('visibilitychange', () => this.#schedule());
   }

@@ -11,6 +11,7 @@ const FRAME_LIMIT_BYTES = 60 * 1024; // the media engine drops data channel mess
 const RETRYABLE = new Set(['rate_limited', 'unavailable', 'internal']); // resend the same id later
 const MAX_AUTO_RETRIES = 5;
 const PAGE = 50;
+const GAP_GRACE_MS = 1000;
 const encoder = new TextEncoder();
 
 export const utf8Length = (s) => encoder.encode(s).length;
@@ -142,7 +143,8 @@ export class ChatClient extends EventTarget {
 
   typingNames() {
     const now = Date.now();
-    return [...this.typing].filter(([, t]) => t.until > now).map(([id, t]) => t.name || id);
+    // (Our identity typing on another device is not news.)
+    return [...this.typing].filter(([id, t]) => t.until > now && id !== this.identity).map(([id, t]) => t.name || id);
   }
 
   nameOf(identity) {
@@ -416,8 +418,16 @@ export class ChatClient extends EventTarget {
     const gapFrom = this.maxSeq;
     this.#store(msg);
     this.typing.delete(msg.from);
-    // A jump means we missed something (a slow channel): fetch the hole.
-    if (gapFrom > 0 && msg.seq > gapFrom + 1 && !this.#heldBefore) this.#fetchAfter(gapFrom, msg.seq).catch((e) => this.#note('history', e));
+    // A jump means we missed something (a slow channel): fetch the hole. The missing seq may be
+    // our own message whose ack is still on its way (acks and pushes travel separately), so look
+    // again a moment later before asking.
+    if (gapFrom > 0 && msg.seq > gapFrom + 1 && !this.#heldBefore) {
+      setTimeout(() => {
+        const missing = [];
+        for (let s = gapFrom + 1; s < msg.seq; s++) if (!this.messages.has(s)) missing.push(s);
+        if (missing.length && this.ready) this.#fetchAfter(missing[0] - 1, msg.seq).catch((e) => this.#note('history', e));
+      }, GAP_GRACE_MS);
+    }
   }
 
   #onAck(msg) {

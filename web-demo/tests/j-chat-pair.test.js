@@ -4,6 +4,7 @@
 // other page with the author's name, the sender's copy goes from pending to acknowledged; the
 // typing indicator, @mentions, the unread badge of a collapsed panel and read receipts, a
 // reaction toggled on and off, edit and delete reach the other page; text is never parsed as HTML.
+// On a phone-sized page the panel starts collapsed and the footer's Chat button counts unread.
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import { withServer, launchChromium, openPage, joinViaUi, poll, state } from './harness.js';
@@ -140,5 +141,37 @@ test('J: two pages chat both ways; typing, mentions, unread badge, reactions, ed
       assert.deepEqual((await chatState(p)).errors, [], `${name}: no chat errors`);
       assert.deepEqual((await chatState(p)).pending, [], `${name}: nothing left pending`);
     }
+  });
+});
+
+test('J: on a phone-sized screen the panel starts collapsed; the Chat button counts unread and opens it', { timeout: 90000 }, async (t) => {
+  await withServer(t, async ({ server, track }) => {
+    const browser = track(await launchChromium());
+    const room = 'room-jm';
+    const alice = await openPage(browser, `${server.url}/?room=${room}&publish=0`, 'alice');
+    const phone = await browser.newPage({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2 });
+    phone.on('pageerror', (e) => console.error(`[phone pageerror] ${e.message ?? e}`));
+    await phone.goto(`${server.url}/?room=${room}&publish=0`);
+    await joinViaUi(alice, room, 'Alice');
+    await joinViaUi(phone, room, 'Pat');
+    await waitChatReady(alice);
+    const cp = await waitChatReady(phone);
+    assert.equal(cp.collapsed, true, 'collapsed by default on a narrow screen');
+    assert.equal(await phone.isVisible('#chat-list'), false);
+    assert.ok(await phone.isVisible('#chat-button'));
+
+    await sendViaUi(alice, 'hi phone');
+    await poll('the Chat button to count 1', async () => (await phone.isVisible('#chat-button-badge')) && (await phone.textContent('#chat-button-badge')) === '1');
+    assert.equal(await phone.textContent('#chat-unread'), '1', 'the collapsed header counts too');
+    await phone.click('#chat-button');
+    await waitEntry(phone, 'the message in the opened panel', 'hi phone', (m) => m.author === 'Alice');
+    await poll('the badge to clear', async () => !(await phone.isVisible('#chat-button-badge')));
+    const box = await phone.locator('#chat-panel').boundingBox();
+    assert.ok(box.x >= 0 && box.x + box.width <= 390, `the panel fits the screen width: ${JSON.stringify(box)}`);
+    assert.ok(await phone.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'no sideways scrolling');
+    await sendViaUi(phone, 'hello from the phone');
+    await waitEntry(alice, 'the phone\'s reply', 'hello from the phone', (m) => m.author === 'Pat');
+    await phone.click('#chat-toggle');
+    assert.equal(await phone.isVisible('#chat-list'), false, 'collapsible again');
   });
 });
