@@ -3,11 +3,12 @@
 // the message is resent with the same client id and stored once, and what was acknowledged before
 // the crash is still there. A message whose ack is lost (the page ignores it) stays pending,
 // survives a rejoin and a page reload (sessionStorage), and its resend is answered as a duplicate:
-// still one stored message.
+// still one stored message. A page that was away (60 new messages, an edit, a delete and a
+// reaction on older ones) catches up with `history after` and `sync` when it rejoins.
 import test from 'node:test';
 import assert from 'node:assert/strict';
 import { withServer, launchChromium, openPage, joinViaUi, poll, state } from './harness.js';
-import { chatState, chatMessages, panelMessages, waitChatReady, sendViaUi, waitEntry, devToken, restHistory, restartableServer } from './j-chat-support.js';
+import { chatState, chatMessages, panelMessages, waitChatReady, sendViaUi, waitEntry, devToken, restPost, restHistory, restartableServer } from './j-chat-support.js';
 
 test('J: a message sent while the server hangs is resent with the same id after a crash and restart', { timeout: 150000 }, async (t) => {
   const server = await restartableServer();
@@ -110,5 +111,52 @@ test('J: a lost ack leaves the message pending across a rejoin and a reload; the
     assert.deepEqual(stored.map((m) => m.text), ['my ack gets lost', 'lost again, then a reload']);
     assert.deepEqual((await chatMessages(bob)).map((m) => m.text), ['my ack gets lost', 'lost again, then a reload']);
     assert.deepEqual((await state(bob)).errors, []);
+  });
+});
+
+test('J: a page that was away catches up: the messages it missed and the edits, deletes and reactions of older ones', { timeout: 150000 }, async (t) => {
+  await withServer(t, async ({ server, track }) => {
+    const browser = track(await launchChromium());
+    const room = 'room-jc';
+    const alice = await openPage(browser, `${server.url}/?room=${room}&publish=0`, 'alice');
+    const bob = await openPage(browser, `${server.url}/?room=${room}&publish=0`, 'bob');
+    await joinViaUi(alice, room, 'Alice');
+    await joinViaUi(bob, room, 'Bob');
+    await waitChatReady(alice);
+    await waitChatReady(bob);
+    for (const text of ['to be edited', 'to be deleted']) {
+      await sendViaUi(bob, text);
+      await waitEntry(alice, `"${text}" on Alice's page`, text);
+    }
+
+    // Alice leaves (same tab: she keeps what she has); meanwhile Bob edits, deletes, reacts, and a
+    // bot posts 60 messages — more than the 50 the greeting brings.
+    await alice.click('#leave-button');
+    await poll('Alice at the join form', () => alice.isVisible('#join-form'));
+    const row = (seq) => bob.locator(`#chat-list li[data-seq="${seq}"]`);
+    await row(1).locator('.actions .edit').click();
+    await row(1).locator('.edit-input').fill('edited while Alice was away');
+    await row(1).locator('.edit-input').press('Enter');
+    await waitEntry(bob, 'the edit on Bob\'s page', 'edited while Alice was away', (m) => m.edited);
+    await row(1).locator('.actions .react[data-emoji="👍"]').click();
+    await row(2).locator('.actions .delete').click();
+    await row(2).locator('.actions .delete.confirming').click();
+    await poll('the delete on Bob\'s page', async () => (await panelMessages(bob)).find((m) => m.seq === 2)?.deleted);
+    const bot = await devToken(server, room, 'deploybot', 'Deploy Bot');
+    for (let i = 1; i <= 60; i++) await restPost(server, room, bot, { id: `b${i}`, text: `while away ${i}` });
+
+    const tBack = Date.now();
+    await joinViaUi(alice, room, 'Alice');
+    const all = await poll('Alice to hold seq 1..62 with the changes', async () => {
+      const m = await panelMessages(alice);
+      const ok = m.length === 62 && m.every((x, i) => x.seq === i + 1)
+        && m[0].text === 'edited while Alice was away' && m[0].edited && m[0].reactions[0]?.text === '👍 1'
+        && m[1].deleted;
+      return ok ? m : false;
+    }, { timeout: 20000, interval: 50 });
+    t.diagnostic(`caught up (history after + sync) ${Date.now() - tBack} ms after the rejoin click`);
+    assert.equal(all.at(-1).text, 'while away 60');
+    assert.equal(await alice.isVisible('#chat-older'), false, 'nothing older is missing');
+    assert.deepEqual((await chatState(alice)).errors, []);
   });
 });
