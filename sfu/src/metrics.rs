@@ -42,6 +42,7 @@ pub struct Metrics {
     pub data_messages_dropped: IntCounter,
     pub probes: IntCounter,
     pub probe_packets: IntCounter,
+    pub sender_reports: IntCounter,
     pub layer_activity_changes: IntCounter,
     estimate: GaugeVec,
     /// Per subscriber and track: spatial layer (`which` = target / current; -1 = none).
@@ -120,6 +121,7 @@ impl Metrics {
             data_messages_dropped: counter(registry, "warbler_data_messages_dropped_total", "Data channel messages not delivered (oversized, unknown channel, slow reader)")?,
             probes: counter(registry, "warbler_bwe_probes_total", "Bandwidth probe clusters started towards subscribers")?,
             probe_packets: counter(registry, "warbler_bwe_probe_packets_total", "Packets sent as bandwidth probes")?,
+            sender_reports: counter(registry, "warbler_rtcp_sender_reports_total", "RTCP sender reports sent to subscribers")?,
             layer_activity_changes: counter(registry, "warbler_layer_activity_changes_total", "Times publishers were told to pause or resume simulcast layers")?,
             estimate: {
                 let g = GaugeVec::new(Opts::new("warbler_subscriber_estimate_bps", "Estimated downlink bandwidth per subscriber"), &["participant"])?;

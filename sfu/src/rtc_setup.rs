@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use std::collections::VecDeque;
 
 use rtc::interceptor::{
-    Attribute, Interceptor, NackGeneratorBuilder, Packet, ReceiverReportBuilder, Registry, SenderReportBuilder, Slot, StreamInfo,
+    Attribute, Interceptor, NackGeneratorBuilder, Packet, ReceiverReportBuilder, Registry, Slot, StreamInfo,
     TaggedPacket, TwccReceiverBuilder,
 };
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
@@ -235,11 +235,10 @@ fn interceptors(role: PeerRole) -> Registry {
             .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
             .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
             .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build()),
-        // Sending: sender reports. NACKs are answered by the engine from its shared per-track
-        // cache, so no per-subscriber send buffer (the NACK responder) is installed.
-        PeerRole::Subscriber | PeerRole::Whep => {
-            Registry::new().with(Slot::SenderReport, SenderReportBuilder::new().build())
-        }
+        // Sending: nothing. The engine writes RTP past the stack's pipeline and interceptors
+        // (`protect_rtp_direct`) and makes the sender reports itself (engine/rtp_out.rs); NACKs
+        // are answered from its shared per-track cache (no NACK responder send buffer).
+        PeerRole::Subscriber | PeerRole::Whep => Registry::new(),
     };
     registry.with(Slot::from(SLOT_RTCP_TO_ENGINE), RtcpToEngine::default())
 }

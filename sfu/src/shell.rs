@@ -235,7 +235,8 @@ pub fn spawn(cfg: EngineConfig, net: RtcNetConfig, metrics: Metrics) -> Result<(
     }
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io)?);
     let seed = rand::random::<u64>();
-    let engine = Engine::new(cfg, advertised.clone(), metrics.clone(), seed, Instant::now())?;
+    let now = Instant::now();
+    let engine = Engine::new(cfg, advertised.clone(), metrics.clone(), seed, now, rtc::shared::time::SystemInstant::now(now))?;
     let (tx, rx) = mpsc::channel::<Command>();
     info!(addresses = ?advertised, "RTC port bound");
     let handle = EngineHandle { commands: tx, waker, advertised: Arc::new(advertised), metrics: metrics.clone() };

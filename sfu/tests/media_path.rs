@@ -75,6 +75,33 @@ async fn publisher_to_two_subscribers_decodes() {
     .await;
     let tracks = peer.lock().await.tracks();
     assert!(ok, "bob decodes video and audio: {tracks:#?}");
+
+    // Sender reports (made by the engine, which writes RTP past the stack's interceptors): one a
+    // second per stream, counting what was sent, with an RTP clock that runs with NTP time
+    // (receivers align audio and video by them).
+    let ok = eventually(Duration::from_secs(5), || {
+        let srs = peer.try_lock().map(|p| p.sender_reports()).unwrap_or_default();
+        tracks.values().all(|t| t.ssrcs.iter().any(|s| srs.get(s).is_some_and(|v| v.len() >= 2)))
+    })
+    .await;
+    let (srs, tracks) = {
+        let p = peer.lock().await;
+        (p.sender_reports(), p.tracks())
+    };
+    assert!(ok, "two sender reports for every stream: {srs:#?}");
+    for t in tracks.values() {
+        let clock = if t.kind == Some(rtc::rtp_transceiver::rtp_sender::RtpCodecKind::Audio) { 48_000.0 } else { 90_000.0 };
+        let v = &srs[&t.ssrcs[0]];
+        let (a, b) = (v[v.len() - 2], v[v.len() - 1]);
+        let count = b.1;
+        assert!(count > 0 && u64::from(count) <= t.packets + 100, "SR packet count {count} vs {} received", t.packets);
+        assert!(b.1 > a.1 && b.2 > a.2, "counts grow: {a:?} {b:?}");
+        let ntp_secs = |ntp: u64| (ntp >> 32) as f64 + (ntp & 0xffff_ffff) as f64 / 4_294_967_296.0;
+        let dntp = ntp_secs(b.3) - ntp_secs(a.3);
+        let drtp = f64::from(b.4.wrapping_sub(a.4)) / clock;
+        assert!((0.8..2.5).contains(&dntp), "about a second between reports: {dntp}");
+        assert!((drtp - dntp).abs() < 0.1, "RTP time runs with NTP time: {drtp} vs {dntp}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

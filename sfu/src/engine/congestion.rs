@@ -8,21 +8,19 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rtc::peer_connection::message::{RTCMessage, TaggedRTCMessage};
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtp;
-use rtc::sansio::Protocol;
 use warbler_media::MediaKind;
 
-use super::{DownTrackId, Engine, Peer, guarded};
+use super::rtp_out::{RtpOut, Stamp, Tx, send_rtp};
+use super::{DownTrackId, Engine, Peer};
 use crate::allocator::{LayerOption, Priority, VideoDemand, allocate};
 use crate::api::{ParticipantEvent, TrackSource};
 use crate::bwe::{Estimator, Mode, ProbeOutcome};
 use crate::forwarder::Target;
 use crate::ids::{PeerId, PeerRole, TrackId};
-use crate::metrics::Metrics;
 
 /// How often allocations are recomputed.
 pub(super) const ALLOCATION_INTERVAL: Duration = Duration::from_millis(200);
@@ -39,6 +37,8 @@ const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(1500);
 const PADDING_PACKET_BYTES: i64 = 70;
 /// A layer nobody needed for this long is paused at the publisher.
 const LAYER_UNNEEDED_GRACE: Duration = Duration::from_secs(5);
+/// How often each outgoing stream gets a sender report (as the stack's interceptor did).
+pub(super) const SENDER_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What a subscriber said about how it shows one track.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +77,8 @@ pub(super) struct SubscriberCc {
     /// receiver's estimate (bounded by what it receives) can grow; and when padding last ran.
     remb_pad_bps: f64,
     last_pad_at: Instant,
+    /// When this connection's next sender reports are due (from its first packet on).
+    pub next_sender_report: Option<Instant>,
 }
 
 impl SubscriberCc {
@@ -96,31 +98,30 @@ impl SubscriberCc {
             next_loss_sample: now + LOSS_SAMPLE_INTERVAL,
             remb_pad_bps: 0.0,
             last_pad_at: now,
+            next_sender_report: None,
         }
     }
 
-    /// Adds this connection's header extensions to `header` and records the packet.
-    fn stamp(&mut self, now: Instant, header: &mut rtp::header::Header, size: usize, kind: SendKind) {
-        let mut exts = Vec::with_capacity(2);
+    /// This connection's header extension values for a packet about to be sent, recording the
+    /// packet for the estimator (and, for media, the sent rate).
+    pub(super) fn stamp(&mut self, now: Instant, ssrc: u32, seq: u16, size: usize, kind: SendKind) -> Stamp {
+        let mut stamp = Stamp::default();
         if let Some(id) = self.twcc_ext {
-            let seq = self.bwe.on_sent(now, header.ssrc, header.sequence_number, size);
-            exts.push(rtp::header::Extension { id, payload: Bytes::copy_from_slice(&seq.to_be_bytes()) });
+            stamp.twcc = Some((id, self.bwe.on_sent(now, ssrc, seq, size)));
         }
         if let Some(id) = self.abs_send_time_ext {
             // 6.18 fixed-point seconds; any consistent clock will do for the receiver's deltas.
             let t = now.saturating_duration_since(self.epoch).as_secs_f64();
-            let v = ((t * f64::from(1u32 << 18)) as u64 & 0x00ff_ffff) as u32;
-            exts.push(rtp::header::Extension { id, payload: Bytes::copy_from_slice(&v.to_be_bytes()[1..]) });
-        }
-        if !exts.is_empty() {
-            header.extension = true;
-            header.extension_profile = 0xBEDE;
-            header.extensions = exts;
+            stamp.abs_send_time = Some((id, ((t * f64::from(1u32 << 18)) as u64 & 0x00ff_ffff) as u32));
         }
         if kind == SendKind::Media {
             self.media_bps.add(now, size);
             self.packets_sent += 1;
         }
+        if self.next_sender_report.is_none() {
+            self.next_sender_report = Some(now + SENDER_REPORT_INTERVAL);
+        }
+        stamp
     }
 }
 
@@ -133,15 +134,13 @@ pub(super) enum SendKind {
 }
 
 impl Peer {
-    /// Writes an RTP packet to this subscriber connection, with its congestion-control header
-    /// extensions. Returns whether the stack took it.
-    pub(super) fn send_rtp(&mut self, now: Instant, metrics: &Metrics, mut packet: rtp::Packet, kind: SendKind) -> bool {
-        if let Some(cc) = self.cc.as_mut() {
-            let size = packet.payload.len() + 12;
-            cc.stamp(now, &mut packet.header, size, kind);
-        }
-        let written = guarded(metrics, "write rtp", || self.pc.handle_write(TaggedRTCMessage { now, message: RTCMessage::RtpPacket(String::new(), packet) }));
-        matches!(written, Some(Ok(())))
+    /// Writes an RTP packet to this subscriber connection (probes and repairs; the forwarding
+    /// path calls [`send_rtp`] with the down track it already holds). Returns whether a datagram
+    /// was produced.
+    pub(super) fn send_packet(&mut self, now: Instant, tx: &mut Tx<'_>, packet: &rtp::Packet, kind: SendKind) -> bool {
+        let ssrc = packet.header.ssrc;
+        let sr = self.down_by_ssrc.get(&ssrc).and_then(|id| self.down.get_mut(id)).filter(|d| d.out_ssrc == ssrc).map(|d| &mut d.sender_stats);
+        send_rtp(&mut self.pc, self.cc.as_mut(), sr, tx, now, &RtpOut::of(&packet.header), &packet.payload, kind)
     }
 
     /// Learns the header extension ids the subscriber accepted.
@@ -177,6 +176,7 @@ impl Engine {
 
     /// The media tick: allocation for every subscriber connection, probes, layer activity.
     pub(super) fn media_tick(&mut self, now: Instant) {
+        self.send_sender_reports(now);
         let mut probing = false;
         let subscriber_peers: Vec<PeerId> = self.peers.values().filter(|p| p.cc.is_some()).map(|p| p.id).collect();
         let allocate_now = now >= self.next_allocation;
@@ -455,19 +455,14 @@ impl Engine {
                 });
             }
         }
-        let mut sent_any = false;
+        let mut tx = Tx { outputs: &mut self.outputs, scratch: &mut self.scratch, metrics: &self.metrics };
         for out in outs {
-            if peer.send_rtp(now, &self.metrics, out, SendKind::Probe) {
+            if peer.send_packet(now, &mut tx, &out, SendKind::Probe) {
                 self.metrics.probe_packets.inc();
-                sent_any = true;
             }
         }
         if let Some(cc) = peer.cc.as_mut() {
             cc.probe_cursor = cursor;
-        }
-        if sent_any && !peer.dirty {
-            peer.dirty = true;
-            self.dirty.push(peer_id);
         }
         true
     }

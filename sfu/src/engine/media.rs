@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::sender_report::SenderReport;
@@ -13,6 +12,7 @@ use rtc::rtp;
 use warbler_media::{MediaKind, inspect_payload, keyframe_dimensions};
 
 use super::congestion::SendKind;
+use super::rtp_out::{RtpOut, Tx, send_rtp};
 use super::{DownTrackId, Engine, ENGINE_RTCP_SSRC, guarded};
 use crate::api::ConnectionState;
 use crate::forwarder::{DropReason, PacketMeta, Verdict, Vp8Fields};
@@ -126,6 +126,7 @@ impl Engine {
 
         let kind = track.kind;
         let mut keyframe_layers: Vec<u8> = Vec::new();
+        let (mut forwarded, mut forwarded_bytes) = (0u64, 0u64);
         for &(sub_id, dt_id) in &track.subscribers {
             let Some(sub) = self.peers.get_mut(&sub_id) else { continue };
             let Some(dt) = sub.down.get_mut(&dt_id) else { continue };
@@ -143,46 +144,29 @@ impl Engine {
             }
             match verdict {
                 Verdict::Forward { ext_seq, ext_ts, marker, vp8 } => {
-                    let payload = match vp8 {
-                        Some(r) => match warbler_media::vp8::rewrite_descriptor(&packet.payload, r) {
-                            Some(p) => Bytes::from(p),
-                            None => packet.payload.clone(),
-                        },
-                        None => packet.payload.clone(),
-                    };
+                    let rewritten = vp8.and_then(|r| warbler_media::vp8::rewrite_descriptor(&packet.payload, r));
+                    let payload: &[u8] = rewritten.as_deref().unwrap_or(&packet.payload);
                     if let Some(r) = vp8 {
                         dt.remember_vp8(ext_seq, r);
                     }
-                    let out = rtp::Packet {
-                        header: rtp::header::Header {
-                            version: 2,
-                            marker,
-                            payload_type: dt.out_pt.unwrap_or_default(),
-                            sequence_number: ext_seq as u16,
-                            timestamp: ext_ts as u32,
-                            ssrc: dt.out_ssrc,
-                            ..Default::default()
-                        },
-                        payload,
-                    };
-                    let len = out.payload.len();
-                    match sub.send_rtp(now, &self.metrics, out, SendKind::Media) {
-                        true => {
-                            match kind {
-                                MediaKind::Audio => self.metrics.rtp_packets_forwarded_audio.inc(),
-                                MediaKind::Video => self.metrics.rtp_packets_forwarded_video.inc(),
-                            }
-                            self.metrics.rtp_bytes_forwarded.inc_by(len as u64);
-                            if !sub.dirty {
-                                sub.dirty = true;
-                                self.dirty.push(sub_id);
-                            }
-                        }
-                        false => self.metrics.dropped(DropReason::WriteFailed).inc(),
+                    let out = RtpOut { marker, payload_type: dt.out_pt.unwrap_or_default(), sequence_number: ext_seq as u16, timestamp: ext_ts as u32, ssrc: dt.out_ssrc, padding: false };
+                    let mut tx = Tx { outputs: &mut self.outputs, scratch: &mut self.scratch, metrics: &self.metrics };
+                    if send_rtp(&mut sub.pc, sub.cc.as_mut(), Some(&mut dt.sender_stats), &mut tx, now, &out, payload, SendKind::Media) {
+                        forwarded += 1;
+                        forwarded_bytes += payload.len() as u64;
+                    } else {
+                        self.metrics.dropped(DropReason::WriteFailed).inc();
                     }
                 }
                 Verdict::Drop(reason) => self.metrics.dropped(reason).inc(),
             }
+        }
+        if forwarded > 0 {
+            match kind {
+                MediaKind::Audio => self.metrics.rtp_packets_forwarded_audio.inc_by(forwarded),
+                MediaKind::Video => self.metrics.rtp_packets_forwarded_video.inc_by(forwarded),
+            }
+            self.metrics.rtp_bytes_forwarded.inc_by(forwarded_bytes);
         }
         for s in keyframe_layers {
             self.request_keyframe(now, track_id, s);
@@ -324,7 +308,7 @@ impl Engine {
         if let Some(cc) = peer.cc.as_mut() {
             cc.packets_nacked += lost_known;
         }
-        let mut sent = false;
+        let mut tx = Tx { outputs: &mut self.outputs, scratch: &mut self.scratch, metrics: &self.metrics };
         for out in outs {
             // On the RTX stream when the subscriber has one (it is what receivers expect for
             // repairs), else as the original packet again.
@@ -332,13 +316,9 @@ impl Engine {
                 Some(rtx) => rtx,
                 None => out,
             };
-            if peer.send_rtp(now, &self.metrics, out, SendKind::Media) {
+            if peer.send_packet(now, &mut tx, &out, SendKind::Media) {
                 self.metrics.nack_retransmits.inc();
-                sent = true;
             }
-        }
-        if sent {
-            self.mark_dirty(peer_id);
         }
     }
 }

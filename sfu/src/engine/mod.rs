@@ -27,6 +27,7 @@ use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind};
 use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverId};
 use rtc::sansio::Protocol;
+use rtc::shared::time::SystemInstant;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use tracing::{debug, info, warn};
 use warbler_media::vp8::Vp8Rewrite;
@@ -34,6 +35,7 @@ use warbler_media::{Codec, MediaKind};
 
 mod congestion;
 mod media;
+mod rtp_out;
 
 pub use congestion::TrackSettings;
 
@@ -154,6 +156,8 @@ struct DownTrack {
     vp8_history: Vec<Option<(u16, Vp8Rewrite)>>,
     /// Recent retransmissions per output sequence number: (seq, when, how many times).
     rtx_log: Vec<(u16, Instant, u8)>,
+    /// What this stream's sender reports say (media SSRC only; RTX gets none).
+    sender_stats: rtp_out::SenderStats,
 }
 
 const VP8_HISTORY: usize = 512;
@@ -166,7 +170,7 @@ const RTX_MAX_TIMES: u8 = 2;
 impl DownTrack {
     #[allow(clippy::too_many_arguments)]
     fn new(sender: RTCRtpSenderId, out_ssrc: u32, rtx_ssrc: u32, kind: MediaKind, codec: Codec, codec_params: RTCRtpCodec, forwarder: Forwarder, source_track: Option<TrackId>) -> Self {
-        Self { sender, out_ssrc, rtx_ssrc, rtx_pt: None, rtx_seq: rand::random(), kind, codec, codec_params, out_pt: None, forwarder, source_track, settings: TrackSettings::default(), pause: None, vp8_history: Vec::new(), rtx_log: Vec::new() }
+        Self { sender, out_ssrc, rtx_ssrc, rtx_pt: None, rtx_seq: rand::random(), kind, codec, codec_params, out_pt: None, forwarder, source_track, settings: TrackSettings::default(), pause: None, vp8_history: Vec::new(), rtx_log: Vec::new(), sender_stats: Default::default() }
     }
 
     fn remember_vp8(&mut self, ext_seq: u64, r: Vp8Rewrite) {
@@ -280,6 +284,10 @@ pub struct Engine {
     next_media_tick: Instant,
     next_allocation: Instant,
     draining: bool,
+    /// Where RTP to subscribers is marshalled before it is protected.
+    scratch: Vec<u8>,
+    /// Wall-clock time at an instant, for the NTP time of sender reports.
+    wall: SystemInstant,
 }
 
 /// Runs a call into the WebRTC stack, turning a panic inside it into an error so that one
@@ -298,7 +306,8 @@ fn guarded<T>(metrics: &Metrics, what: &str, f: impl FnOnce() -> T) -> Option<T>
 impl Engine {
     /// `advertised` are the addresses clients can reach the RTC port at (one host candidate
     /// each); the shell receives on them and reports them back as each datagram's `local`.
-    pub fn new(cfg: EngineConfig, advertised: Vec<SocketAddr>, metrics: Metrics, seed: u64, now: Instant) -> Result<Self, EngineError> {
+    /// `wall` pairs an instant with the wall-clock time (sender reports carry NTP time).
+    pub fn new(cfg: EngineConfig, advertised: Vec<SocketAddr>, metrics: Metrics, seed: u64, now: Instant, wall: SystemInstant) -> Result<Self, EngineError> {
         Ok(Self {
             certificate: generate_certificate()?,
             cfg,
@@ -319,6 +328,8 @@ impl Engine {
             next_media_tick: now + congestion::ALLOCATION_INTERVAL,
             next_allocation: now + congestion::ALLOCATION_INTERVAL,
             draining: false,
+            scratch: Vec::with_capacity(1500),
+            wall,
         })
     }
 

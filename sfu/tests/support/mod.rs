@@ -19,6 +19,7 @@ use webrtc::media_stream::{MediaStreamTrack, Track};
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::sansio::Protocol;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_local::static_sample::TrackLocalStaticSample;
@@ -110,13 +111,19 @@ impl TrackStats {
 struct Shared {
     tracks: Mutex<HashMap<String, TrackStats>>,
     keyframe_requests: AtomicU64,
+    sender_reports: Arc<Mutex<HashMap<u32, Vec<ReceivedSr>>>>,
 }
 
-/// Delivers keyframe requests (PLI/FIR) to the application, which a publisher must act on.
+/// A sender report as received: (when, packet count, octet count, NTP time, RTP time).
+pub type ReceivedSr = (Instant, u32, u32, u64, u32);
+
+/// Delivers keyframe requests (PLI/FIR) to the application, which a publisher must act on, and
+/// records the sender reports received (per SSRC).
 #[derive(Default)]
 struct KeyframeRequests {
     reads: VecDeque<TaggedPacket>,
     writes: VecDeque<TaggedPacket>,
+    sender_reports: Arc<Mutex<HashMap<u32, Vec<ReceivedSr>>>>,
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
@@ -128,6 +135,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequests {
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
         if let Packet::Rtcp(packets) = &mut msg.message.packet {
+            for sr in packets.iter().filter_map(|p| p.as_any().downcast_ref::<SenderReport>()) {
+                self.sender_reports.lock().unwrap().entry(sr.ssrc).or_default().push((msg.now, sr.packet_count, sr.octet_count, sr.ntp_time, sr.rtp_time));
+            }
             let wanted = |p: &Box<dyn rtc::rtcp::Packet>| p.as_any().is::<PictureLossIndication>() || p.as_any().is::<FullIntraRequest>();
             if packets.iter().any(wanted) {
                 packets.retain(wanted);
@@ -369,10 +379,11 @@ impl NativePeer {
             me.register_header_extension(rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: uri.into() }, RtpCodecKind::Video, None).unwrap();
         }
         me.register_codec(rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio).unwrap();
-        let registry = register_default_interceptors(Registry::new(), &mut me).unwrap().with(Slot::from(20_000), KeyframeRequests::default());
+        let shared = Arc::new(Shared::default());
+        let keyframe_requests = KeyframeRequests { sender_reports: shared.sender_reports.clone(), ..Default::default() };
+        let registry = register_default_interceptors(Registry::new(), &mut me).unwrap().with(Slot::from(20_000), keyframe_requests);
         let (gtx, grx) = watch::channel(false);
         let (stx, srx) = watch::channel(RTCPeerConnectionState::New);
-        let shared = Arc::new(Shared::default());
         let handler = Arc::new(Handler { gathered: gtx, state: stx, shared: shared.clone() });
         let pc = PeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
@@ -534,6 +545,11 @@ impl NativePeer {
     /// PLI/FIR the publisher received (it answers each with a keyframe).
     pub fn keyframe_requests(&self) -> u64 {
         self.shared.keyframe_requests.load(Ordering::Relaxed)
+    }
+
+    /// Sender reports received, per SSRC, in arrival order.
+    pub fn sender_reports(&self) -> HashMap<u32, Vec<ReceivedSr>> {
+        self.shared.sender_reports.lock().unwrap().clone()
     }
 
     pub fn tracks(&self) -> HashMap<String, TrackStats> {

@@ -245,6 +245,7 @@ pub mod certificate;
 pub mod configuration;
 pub mod event;
 pub(crate) mod handler;
+mod direct_rtp;
 mod internal;
 pub mod message;
 pub mod sdp;
