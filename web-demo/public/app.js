@@ -108,6 +108,7 @@ async function enterRoom(room, token, publish = true) {
   }
   chatPanel.bind(chat);
   s.addEventListener('chatchannel', (e) => session === s && chat.attach(e.detail));
+  s.addEventListener('presence', (e) => session === s && chat.addSystem(`${e.detail.name} ${e.detail.kind === 'joined' ? 'joined' : 'left'}`));
   ui.title.textContent = `room ${room}`;
   showRoomView();
   const wsUrl = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
@@ -377,7 +378,8 @@ window.warbler = {
       search: chat.search && structuredClone(chat.search), stats: structuredClone(chat.stats), collapsed: chatPanel.collapsed,
     },
     /** Stored messages (by seq) then pending ones; `receivedAt`/`sentAt`/`ackedAt` are this page's clock. */
-    messages: () => (chat ? chat.list().map((m) => structuredClone(m)) : []),
+    messages: () => (chat ? chat.list().filter((m) => !m.system).map((m) => structuredClone(m)) : []),
+    systemLines: () => (chat ? chat.systemLines.map((m) => m.text) : []),
     send: (text) => chat?.send(text) ?? null,
     edit: (seq, text) => chat.edit(seq, text),
     delete: (seq) => chat.delete(seq),

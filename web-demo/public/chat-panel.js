@@ -199,12 +199,23 @@ export class ChatPanel {
     const existing = new Map([...list.children].map((li) => [li.dataset.key, li]));
     let prev = null;
     for (const m of items) {
-      const key = `${m.from ?? ''}\u0000${m.id ?? `#${m.seq}`}`;
+      const key = m.system ? `system\u0000${m.sysId}` : `${m.from ?? ''}\u0000${m.id ?? `#${m.seq}`}`;
       let li = existing.get(key);
       if (li) existing.delete(key);
       else {
         li = document.createElement('li');
         li.dataset.key = key;
+      }
+      if (m.system) {
+        if (!li.classList.contains('system')) {
+          li.className = 'system';
+          const time = tag('time', 'time', formatTime(m.ts));
+          li.append(tag('span', 'text', m.text), ' ', time);
+        }
+        const want = prev ? prev.nextSibling : list.firstChild;
+        if (want !== li) list.insertBefore(li, want);
+        prev = li;
+        continue;
       }
       const view = {
         seq: m.seq ?? null, id: m.id, from: m.from, name: m.name, text: m.text, ts: m.ts, state: m.state, own: m.own,

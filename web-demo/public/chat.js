@@ -43,6 +43,8 @@ export class ChatClient extends EventTarget {
   receipts = new Map(); // identity -> seq it has read up to
   names = new Map(); // identity -> display name, from what we have seen
   errors = []; // inline errors not tied to a pending message: {code, message, op, at}
+  systemLines = []; // local notices (joins, leaves): {system, sysId, text, ts}
+  #systemCount = 0;
   search = null; // {q, busy, results, truncated, error}
   loadingOlder = false;
   stats = { hellos: 0, sent: 0, resent: 0, acks: 0, duplicateAcks: 0, typingSent: 0, readsSent: 0, droppedAcks: 0, refusals: {} };
@@ -113,7 +115,21 @@ export class ChatClient extends EventTarget {
       id: p.id, from: this.identity, name: this.name ?? 'You', text: p.text, ts: p.createdAt, own: true,
       state: p.status, error: p.error, attempts: p.attempts,
     }));
-    return [...stored, ...pending];
+    // System lines (joins, leaves) sit among the stored messages by time.
+    const out = [];
+    let i = 0;
+    for (const m of stored) {
+      while (i < this.systemLines.length && this.systemLines[i].ts < m.ts) out.push(this.systemLines[i++]);
+      out.push(m);
+    }
+    return [...out, ...this.systemLines.slice(i), ...pending];
+  }
+
+  /** A local, unstored line such as "Bob joined" (the newest 50 are kept). */
+  addSystem(text) {
+    this.systemLines.push({ system: true, sysId: ++this.#systemCount, text, ts: Date.now() });
+    if (this.systemLines.length > 50) this.systemLines.shift();
+    this.#changed();
   }
 
   get oldestSeq() {

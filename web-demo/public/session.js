@@ -273,10 +273,16 @@ export class Session extends EventTarget {
         this.self = toParticipant(msg.participant);
         for (const p of msg.participants ?? []) this.participants.set(p.sid, toParticipant(p));
         break;
-      case 'participant_joined':
-        this.participants.set(msg.participant.sid, toParticipant(msg.participant));
+      case 'participant_joined': {
+        const p = toParticipant(msg.participant);
+        this.participants.set(p.sid, p);
+        this.dispatchEvent(new CustomEvent('presence', { detail: { kind: 'joined', name: p.name } }));
         break;
+      }
       case 'participant_left':
+        if (this.participants.has(msg.sid)) {
+          this.dispatchEvent(new CustomEvent('presence', { detail: { kind: 'left', name: this.participants.get(msg.sid).name } }));
+        }
         for (const t of this.participants.get(msg.sid)?.tracks.keys() ?? []) {
           this.remote.delete(t);
           this.paused.delete(t);

@@ -136,6 +136,15 @@ test('J: two pages chat both ways; typing, mentions, unread badge, reactions, ed
     const bobSeqs = (await panelMessages(bob)).map((m) => m.seq);
     assert.deepEqual(bobSeqs, Array.from({ length: 13 }, (_, i) => i + 1), 'the deleted message keeps its place');
 
+    // Joins and leaves appear in the panel as system lines (not stored messages).
+    const carol = await openPage(browser, `${server.url}/?room=${room}&publish=0`, 'carol');
+    await joinViaUi(carol, room, 'Carol');
+    const systemLines = () => alice.evaluate(() => [...document.querySelectorAll('#chat-list > li.system .text')].map((x) => x.textContent));
+    await poll('"Carol joined" in Alice\'s panel', async () => (await systemLines()).includes('Carol joined'));
+    await carol.click('#leave-button');
+    await poll('"Carol left" in Alice\'s panel', async () => (await systemLines()).includes('Carol left'));
+    assert.deepEqual((await panelMessages(alice)).map((m) => m.seq), Array.from({ length: 13 }, (_, i) => i + 1), 'system lines are not messages');
+
     for (const [name, p] of [['Alice', alice], ['Bob', bob]]) {
       assert.deepEqual((await state(p)).errors, [], `${name}: no banner errors`);
       assert.deepEqual((await chatState(p)).errors, [], `${name}: no chat errors`);

@@ -13,7 +13,7 @@ export const chatMessages = (page) => page.evaluate(() => window.warbler.chat.me
 
 /** The message list as the user sees it: one entry per <li>, from the DOM only. */
 export function panelMessages(page) {
-  return page.evaluate(() => [...document.querySelectorAll('#chat-list > li')].map((li) => ({
+  return page.evaluate(() => [...document.querySelectorAll('#chat-list > li:not(.system)')].map((li) => ({
     seq: li.dataset.seq ? Number(li.dataset.seq) : null,
     id: li.dataset.id,
     state: li.dataset.state,
