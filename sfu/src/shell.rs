@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -259,6 +260,7 @@ fn drive(core: &mut Core, mut poll: Poll, sockets: Vec<Bound>, commands: mpsc::R
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let by_local: HashMap<SocketAddr, usize> = sockets.iter().enumerate().map(|(i, b)| (b.advertised, i)).collect();
     let mut readable = vec![true; sockets.len()];
+    let mut tx = TxBatch::new();
     loop {
         let busy = readable.iter().any(|r| *r);
         let timeout = if busy { Duration::ZERO } else { core.engine.poll_timeout().saturating_duration_since(Instant::now()) };
@@ -306,25 +308,22 @@ fn drive(core: &mut Core, mut poll: Poll, sockets: Vec<Bound>, commands: mpsc::R
         if Instant::now() >= core.engine.poll_timeout() {
             core.engine.handle_timeout(Instant::now());
         }
-        deliver(core, &sockets, &by_local, metrics);
+        deliver(core, &sockets, &by_local, &mut tx, metrics);
         if core.stop {
-            deliver(core, &sockets, &by_local, metrics);
+            deliver(core, &sockets, &by_local, &mut tx, metrics);
             return Ok(());
         }
     }
 }
 
-fn deliver(core: &mut Core, sockets: &[Bound], by_local: &HashMap<SocketAddr, usize>, metrics: &Metrics) {
+fn deliver(core: &mut Core, sockets: &[Bound], by_local: &HashMap<SocketAddr, usize>, tx: &mut TxBatch, metrics: &Metrics) {
     while let Some(out) = core.engine.poll_output() {
         match out {
             Output::Transmit { local, remote, data } => {
                 let i = by_local.get(&local).copied().unwrap_or_else(|| {
                     sockets.iter().position(|b| b.advertised.is_ipv4() == remote.is_ipv4()).unwrap_or(0)
                 });
-                if let Err(e) = sockets[i].socket.send_to(&data, remote) {
-                    metrics.udp_send_errors.inc();
-                    tracing::debug!(error = %e, %remote, "send failed");
-                }
+                tx.push(i, remote, data);
             }
             Output::Event(to, event) => {
                 let removed = matches!(event, ParticipantEvent::Removed { .. });
@@ -337,6 +336,183 @@ fn deliver(core: &mut Core, sockets: &[Bound], by_local: &HashMap<SocketAddr, us
                     core.listeners.remove(&to);
                 }
             }
+        }
+    }
+    tx.flush(sockets, metrics);
+}
+
+/// Most segments in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 or more) and most bytes.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// The datagrams of one loop turn, sent per destination: consecutive datagrams to one address
+/// of one size (the last may be shorter) go out in one `sendmsg` with `UDP_SEGMENT` (GSO), so the
+/// kernel's UDP/IP path runs once per run instead of once per datagram. A forwarded video frame
+/// is such a run: its packets have one size but the last. Order per destination is kept; across
+/// destinations it does not matter.
+struct TxBatch {
+    /// (socket, destination, datagram, next datagram of the same group or `NONE`)
+    items: Vec<(usize, SocketAddr, BytesMut, usize)>,
+    /// (socket, destination) → (first, last) item of its group.
+    groups: HashMap<(usize, SocketAddr), (usize, usize)>,
+    heads: Vec<usize>,
+    /// Cleared when the kernel refuses GSO (old kernel, device without support): plain sends.
+    gso: bool,
+}
+
+const NONE: usize = usize::MAX;
+
+impl TxBatch {
+    fn new() -> Self {
+        Self { items: Vec::new(), groups: HashMap::new(), heads: Vec::new(), gso: cfg!(target_os = "linux") }
+    }
+
+    fn push(&mut self, socket: usize, to: SocketAddr, data: BytesMut) {
+        let i = self.items.len();
+        self.items.push((socket, to, data, NONE));
+        if !self.gso {
+            return;
+        }
+        match self.groups.entry((socket, to)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let (_, last) = e.get_mut();
+                self.items[*last].3 = i;
+                *last = i;
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert((i, i));
+                self.heads.push(i);
+            }
+        }
+    }
+
+    fn flush(&mut self, sockets: &[Bound], metrics: &Metrics) {
+        if self.items.is_empty() {
+            return;
+        }
+        if !self.gso || self.heads.len() == self.items.len() {
+            // Every datagram to a different address: nothing to coalesce.
+            for (socket, to, data, _) in &self.items {
+                send_one(&sockets[*socket], data, *to, metrics);
+            }
+        } else {
+            let mut group: Vec<usize> = Vec::new();
+            let mut lens: Vec<usize> = Vec::new();
+            for h in 0..self.heads.len() {
+                group.clear();
+                let mut i = self.heads[h];
+                while i != NONE {
+                    group.push(i);
+                    i = self.items[i].3;
+                }
+                lens.clear();
+                lens.extend(group.iter().map(|&i| self.items[i].2.len()));
+                let mut start = 0;
+                while start < group.len() {
+                    let n = gso_run_len(&lens[start..]);
+                    self.send_run(&group[start..start + n], lens[start], sockets, metrics);
+                    start += n;
+                }
+            }
+        }
+        self.items.clear();
+        self.groups.clear();
+        self.heads.clear();
+    }
+
+    fn send_run(&mut self, run: &[usize], size: usize, sockets: &[Bound], metrics: &Metrics) {
+        let (socket, to, _, _) = &self.items[run[0]];
+        let b = &sockets[*socket];
+        if run.len() == 1 || !self.gso {
+            for &i in run {
+                send_one(b, &self.items[i].2, *to, metrics);
+            }
+            return;
+        }
+        match send_gso(b, run.iter().map(|&i| &self.items[i].2[..]), size, *to) {
+            Ok(()) => metrics.udp_gso_sends.inc(),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) || e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+                metrics.udp_send_errors.inc_by(run.len() as u64);
+                tracing::debug!(error = %e, %to, "send failed");
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => {
+                // A segment above the path MTU: plain sends for this run (the kernel may fragment).
+                for &i in run {
+                    send_one(b, &self.items[i].2, *to, metrics);
+                }
+            }
+            Err(e) => {
+                // EIO (no checksum offload), EINVAL (too old a kernel) and the like: plain sends
+                // from now on.
+                warn!(error = %e, "UDP GSO refused; sending datagrams one by one");
+                self.gso = false;
+                for &i in run {
+                    send_one(b, &self.items[i].2, *to, metrics);
+                }
+            }
+        }
+    }
+}
+
+/// How many of the datagrams (lengths `lens`, not empty) one GSO send can carry from the first:
+/// those of the first one's size, then at most one shorter, within the kernel's limits; at least 1.
+fn gso_run_len(lens: &[usize]) -> usize {
+    let size = lens[0];
+    let (mut n, mut bytes) = (0, 0);
+    for &len in lens {
+        if n == GSO_MAX_SEGMENTS || bytes + len > GSO_MAX_BYTES || len > size || len == 0 {
+            break;
+        }
+        n += 1;
+        bytes += len;
+        if len < size {
+            break;
+        }
+    }
+    n.max(1)
+}
+
+fn send_one(b: &Bound, data: &[u8], to: SocketAddr, metrics: &Metrics) {
+    if let Err(e) = b.socket.send_to(data, to) {
+        metrics.udp_send_errors.inc();
+        tracing::debug!(error = %e, remote = %to, "send failed");
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn send_gso<'a>(b: &Bound, segments: impl Iterator<Item = &'a [u8]>, size: usize, to: SocketAddr) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+    use std::os::fd::AsRawFd;
+    let iov: Vec<std::io::IoSlice<'_>> = segments.map(std::io::IoSlice::new).collect();
+    let segment = size as u16;
+    let addr = SockaddrStorage::from(to);
+    sendmsg(b.socket.as_raw_fd(), &iov, &[ControlMessage::UdpGsoSegments(&segment)], MsgFlags::empty(), Some(&addr)).map(|_| ()).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_gso<'a>(_: &Bound, _: impl Iterator<Item = &'a [u8]>, _: usize, _: SocketAddr) -> std::io::Result<()> {
+    Err(std::io::Error::from(ErrorKind::Unsupported))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_runs_table() {
+        let cases: &[(&[usize], usize)] = &[
+            (&[1200], 1),
+            (&[1200, 1200, 1200], 3),
+            (&[1200, 1200, 700, 1200], 3),
+            (&[1200, 700, 700], 2),
+            (&[700, 1200], 1),
+            (&[0, 0], 1),
+            (&[1200, 0], 1),
+            (&[100; 100], GSO_MAX_SEGMENTS),
+            (&[1200; 60], GSO_MAX_BYTES / 1200),
+        ];
+        for (lens, want) in cases {
+            assert_eq!(gso_run_len(lens), *want, "{lens:?}");
         }
     }
 }
