@@ -431,7 +431,7 @@ async fn capacity_cmd(a: CapacityArgs) -> Result<ExitCode> {
         if let Some(s) = server {
             tokio::task::spawn_blocking(move || s.stop()).await?;
         }
-        println!("{kind:?}: largest subscriber count per room that held: {largest:?} (stopped: {stopped})");
+        println!("{kind:?}: largest subscriber count per room that held: {} (stopped: {stopped})", held_text(largest));
         results.push(CapacityResult { target: kind, scenario: base.clone(), largest_that_held: largest, stopped_because: stopped, steps });
     }
     report::write_json(&a.out.join(format!("capacity-{}.json", base.name)), &results)?;
@@ -455,9 +455,14 @@ async fn capacity_cmd(a: CapacityArgs) -> Result<ExitCode> {
     }
     md += "\n";
     for r in &results {
-        md += &format!("- {:?}: largest that held: {:?} subscribers per room — stopped: {}\n", r.target, r.largest_that_held, r.stopped_because);
+        md += &format!("- {:?}: largest that held: {} subscribers per room — stopped: {}\n", r.target, held_text(r.largest_that_held), r.stopped_because);
     }
     std::fs::write(a.out.join(format!("capacity-{}.md", base.name)), &md)?;
     println!("\n{md}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The capacity found, for people: a count, or "none" when not even the first step held.
+fn held_text(largest: Option<usize>) -> String {
+    largest.map_or_else(|| "none".to_string(), |n| n.to_string())
 }
