@@ -5,13 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/install-deps.sh
 
+# Honour a shared CARGO_TARGET_DIR (reusing a build across clones); default ./target.
+BIN_DIR="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 echo "== build"
 cargo build --workspace --all-targets --locked
 echo "== unit and integration tests"
 cargo test --workspace --locked
 echo "== interop: aiortc over WHIP/WHEP (media) and WHIP data channels (chat)"
-.venv/bin/python signaling/tests/interop/aiortc_whip_whep.py --bin target/debug/warbler
-.venv/bin/python signaling/tests/interop/aiortc_chat_whip.py --bin target/debug/warbler
+.venv/bin/python signaling/tests/interop/aiortc_whip_whep.py --bin "$BIN_DIR/warbler"
+.venv/bin/python signaling/tests/interop/aiortc_chat_whip.py --bin "$BIN_DIR/warbler"
 echo "== web demo in real browsers"
-WARBLER_BIN="$PWD/target/debug/warbler" bash web-demo/tests/run.sh
+WARBLER_BIN="$BIN_DIR/warbler" bash web-demo/tests/run.sh
 echo "== all tests passed"
