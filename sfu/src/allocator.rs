@@ -277,6 +277,13 @@ mod tests {
         pinned.priority = Priority::Pinned;
         let a = allocate(2_100_000, 0, &[pinned, cams[1].clone()]);
         assert_eq!(targets(&a), vec![Some((2, ALL)), Some((0, ALL))]);
+        // The active speaker's camera comes before other cameras, after screen share.
+        let mut speaker = camera(3);
+        speaker.priority = Priority::Speaker;
+        let a = allocate(400_000, 0, &[camera(1), cams[1].clone(), speaker.clone()]);
+        assert_eq!(targets(&a), vec![None, Some((0, ALL)), Some((0, ALL))], "the speaker keeps video, the other camera pauses");
+        let a = allocate(1_000_000, 0, &[camera(1), speaker]);
+        assert_eq!(targets(&a), vec![Some((0, ALL)), Some((1, ALL))], "the speaker climbs first");
     }
 
     #[test]

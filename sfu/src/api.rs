@@ -170,6 +170,9 @@ pub enum ParticipantEvent {
     /// The allocator stopped sending this track to the participant, and why.
     TrackPaused { track: TrackId, reason: crate::allocator::PauseReason },
     TrackResumed { track: TrackId },
+    /// The room's active speakers changed: loudest first (the first is the dominant speaker),
+    /// with a score in 0..=1; empty when nobody speaks.
+    ActiveSpeakers { speakers: Vec<(ParticipantId, f32)> },
     /// To a publisher: which simulcast layers (by rid) to send; the others nobody needs.
     LayerActivity { track: TrackId, layers: Vec<(String, bool)> },
     /// A data channel the client opened (on any of its connections) is ready.

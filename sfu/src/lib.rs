@@ -18,4 +18,5 @@ pub mod packet_cache;
 pub mod rtc_setup;
 pub mod seq;
 pub mod shell;
+pub mod speaker;
 pub mod track;

@@ -257,7 +257,7 @@ mod tests {
         let mut l = Layer::new(None, 1, MediaKind::Video, 8, t0);
         // `kbps` for `ms` milliseconds, one packet every 50 ms, starting at `from`; the planning
         // rate sampled every 200 ms (like the allocation tick) is returned at the end.
-        let mut run = |l: &mut Layer, from: u64, ms: u64, kbps: u64| {
+        let run = |l: &mut Layer, from: u64, ms: u64, kbps: u64| {
             let mut at = 0;
             let mut planned = 0;
             while at < ms {

@@ -223,6 +223,10 @@ pub fn event_json(ev: &ParticipantEvent) -> Option<Value> {
         ParticipantEvent::Removed { reason } => json!({ "type": "leave", "reason": reason.as_str() }),
         ParticipantEvent::TrackPaused { track, reason } => json!({ "type": "track_paused", "track": track.to_string(), "reason": reason.as_str() }),
         ParticipantEvent::TrackResumed { track } => json!({ "type": "track_resumed", "track": track.to_string() }),
+        ParticipantEvent::ActiveSpeakers { speakers } => {
+            let list: Vec<Value> = speakers.iter().map(|(p, level)| json!({ "sid": p.to_string(), "level": (f64::from(*level) * 100.0).round() / 100.0 })).collect();
+            json!({ "type": "active_speakers", "speakers": list })
+        }
         ParticipantEvent::LayerActivity { track, layers } => {
             let map: serde_json::Map<String, Value> = layers.iter().map(|(rid, on)| (rid.clone(), json!(on))).collect();
             json!({ "type": "layers", "track": track.to_string(), "active": map })
@@ -277,6 +281,18 @@ mod tests {
             assert!(parse(text).is_err(), "{text:?} must be refused");
         }
         assert_eq!(parse(r#"{"type":"fly","req":9}"#).unwrap_err().0, Some(9), "req survives a bad message");
+    }
+
+    #[test]
+    fn active_speakers_shape() {
+        use warbler_sfu::ids::ParticipantId;
+        let ev = ParticipantEvent::ActiveSpeakers { speakers: vec![(ParticipantId(7), 0.8312), (ParticipantId(9), 0.2)] };
+        let v = event_json(&ev).unwrap();
+        assert_eq!(v["type"], "active_speakers");
+        assert_eq!(v["speakers"][0], json!({"sid": ParticipantId(7).to_string(), "level": 0.83}));
+        assert_eq!(v["speakers"][1]["sid"], ParticipantId(9).to_string());
+        let none = event_json(&ParticipantEvent::ActiveSpeakers { speakers: vec![] }).unwrap();
+        assert_eq!(none, json!({"type": "active_speakers", "speakers": []}));
     }
 
     #[test]

@@ -230,7 +230,15 @@ function render() {
     }
   }
   if (pinnedKey && !tiles.some((t) => t.key === pinnedKey && !t.local)) pinnedKey = null;
-  for (const t of tiles) t.pinned = t.key === pinnedKey;
+  // Active speakers (server's `active_speakers`, loudest first): every tile of a speaker is
+  // highlighted, the loudest one's tiles more so. Our own tiles count when the server hears us.
+  const speaking = new Set(s.speakers);
+  const dominant = s.speakers[0];
+  for (const t of tiles) {
+    t.pinned = t.key === pinnedKey;
+    t.speaking = speaking.has(t.participant);
+    t.dominant = t.speaking && t.participant === dominant;
+  }
   tiles.sort((a, b) => Number(b.pinned) - Number(a.pinned)); // the pinned tile first (stable otherwise)
   reconcile(ui.grid, tiles, (t) => t.key, createTile, updateTile, (tile) => adaptive.unobserve(tile));
 
@@ -239,22 +247,27 @@ function render() {
   reconcile(ui.audio, audio, (a) => a.sid, () => Object.assign(document.createElement('audio'), { autoplay: true }),
     (el, a) => attach(el, a.track));
 
-  // Participant list with mute indicators.
+  // Participant list with mute and speaking indicators.
   const people = [];
-  if (me) people.push({ sid: me.sid, name: `${me.name} (you)`, micMuted: !mic || mic.muted, camOff: !cam || cam.muted });
+  if (me) people.push({ sid: me.sid, name: `${me.name} (you)`, micMuted: !mic || mic.muted, camOff: !cam || cam.muted,
+    speaking: speaking.has(me.sid), dominant: me.sid === dominant });
   for (const p of s.participants.values()) {
     const tracks = [...p.tracks.values()];
     const a = tracks.find((t) => t.kind === 'audio');
     const v = tracks.find((t) => t.kind === 'video' && t.source !== 'screen_share');
     people.push({ sid: p.sid, name: p.name, micMuted: !a || a.muted, camOff: !v || v.muted,
-      sharing: tracks.some((t) => t.source === 'screen_share') });
+      sharing: tracks.some((t) => t.source === 'screen_share'), speaking: speaking.has(p.sid), dominant: p.sid === dominant });
   }
   reconcile(ui.participants, people, (p) => p.sid, () => document.createElement('li'), (li, p) => {
     li.dataset.sid = p.sid;
     li.dataset.micMuted = p.micMuted;
     li.dataset.camOff = p.camOff;
+    li.classList.toggle('speaking', p.speaking);
+    li.classList.toggle('dominant', p.speaking && p.dominant);
     li.innerHTML = '<span class="name"></span><span class="flags"><span class="mic"></span> <span class="cam"></span></span>';
-    li.querySelector('.name').textContent = p.name + (p.sharing ? ' · sharing' : '');
+    const nameEl = li.querySelector('.name');
+    if (p.speaking) nameEl.insertAdjacentHTML('afterbegin', '<span class="speaking-icon" title="speaking">🔊</span> ');
+    nameEl.append(p.name + (p.sharing ? ' · sharing' : ''));
     const micEl = li.querySelector('.mic');
     micEl.textContent = p.micMuted ? 'mic off' : 'mic';
     micEl.classList.toggle('off', p.micMuted);
@@ -292,6 +305,8 @@ function updateTile(tile, t) {
   else delete tile.dataset.track;
   tile.classList.toggle('mirrored', Boolean(t.mirrored));
   tile.classList.toggle('pinned', Boolean(t.pinned));
+  tile.classList.toggle('speaking', Boolean(t.speaking));
+  tile.classList.toggle('dominant', Boolean(t.dominant));
   if (!t.local) {
     const pin = tile.querySelector('.pin');
     pin.setAttribute('aria-pressed', String(Boolean(t.pinned)));
@@ -349,7 +364,8 @@ function reconcile(parent, items, keyOf, create, update, removed = () => {}) {
 
 window.warbler = {
   state: () => ({
-    ...(session?.snapshot() ?? { joined: false, participantId: null, participants: [], publisherState: 'closed', subscriberState: 'closed' }),
+    ...(session?.snapshot() ?? { joined: false, participantId: null, participants: [], publisherState: 'closed', subscriberState: 'closed',
+      speakers: [], speakerLevels: {} }),
     errors: errors.map((e) => ({ ...e })),
   }),
   inboundStats: async () => (session ? session.inboundStats() : []),
@@ -361,6 +377,7 @@ window.warbler = {
     return [...ui.grid.querySelectorAll('.tile[data-track]')].map((tile) => ({
       key: tile.dataset.key, trackSid: tile.dataset.track, participant: tile.dataset.participant, source: tile.dataset.source,
       pinned: tile.classList.contains('pinned'), paused: tile.dataset.paused ?? null,
+      speaking: tile.classList.contains('speaking'), dominant: tile.classList.contains('dominant'),
       pausedOverlay: tile.querySelector('.paused-overlay:not([hidden])')?.textContent ?? null,
       quality: info.get(tile.dataset.track) ?? null, settings: settings.get(tile.dataset.track) ?? null,
       cssWidth: tile.clientWidth, cssHeight: tile.clientHeight,

@@ -30,6 +30,8 @@ export class Session extends EventTarget {
   paused = new Map(); // trackSid -> reason ('bandwidth' | 'hidden' | 'feed_dry'): the server stopped sending it
   publishing = true; // false: subscribe-only (no camera, no microphone)
   chatChannel = null; // the `chat` data channel on the publisher connection (see chat.js)
+  speakers = []; // participant sids speaking now, loudest (dominant) first; may include self (`active_speakers`)
+  speakerLevels = new Map(); // sid -> level 0..1 from the latest `active_speakers`
 
   #subTracks = {}; // mid -> track sid, from the latest subscriber_offer
   #streamByMid = new Map(); // mid -> msid stream id (= publisher participant sid)
@@ -173,6 +175,8 @@ export class Session extends EventTarget {
       subscriberState: this.sub?.connectionState ?? 'new',
       chatChannelState: this.chatChannel?.readyState ?? null,
       serverStates: { ...this.serverStates },
+      speakers: [...this.speakers],
+      speakerLevels: Object.fromEntries(this.speakerLevels),
     };
   }
 
@@ -288,6 +292,13 @@ export class Session extends EventTarget {
           this.paused.delete(t);
         }
         this.participants.delete(msg.sid);
+        // Whoever left speaks no more, whether or not the server's next `active_speakers` says so.
+        if (this.speakers.includes(msg.sid)) {
+          this.#setSpeakers(this.speakers.filter((sid) => sid !== msg.sid).map((sid) => ({ sid, level: this.speakerLevels.get(sid) })));
+        }
+        break;
+      case 'active_speakers':
+        this.#setSpeakers(msg.speakers ?? []);
         break;
       case 'track_published':
         this.#participant(msg.participant)?.tracks.set(msg.track.sid, msg.track);
@@ -342,6 +353,22 @@ export class Session extends EventTarget {
     if (this.#ended) return;
     if (this.joined) this.#emitError('disconnected', `Lost the connection to the server (WebSocket close ${code})`);
     this.#end('disconnected');
+  }
+
+  /** Replaces the active speakers (`[{sid, level}]`, loudest first) and emits 'speakers'. */
+  #setSpeakers(list) {
+    const seen = new Set();
+    const speakers = [];
+    const levels = new Map();
+    for (const s of Array.isArray(list) ? list : []) {
+      if (typeof s?.sid !== 'string' || seen.has(s.sid)) continue;
+      seen.add(s.sid);
+      speakers.push(s.sid);
+      levels.set(s.sid, Number.isFinite(s.level) ? s.level : null);
+    }
+    this.speakers = speakers;
+    this.speakerLevels = levels;
+    this.dispatchEvent(new CustomEvent('speakers', { detail: { speakers: [...speakers], levels: Object.fromEntries(levels) } }));
   }
 
   // ---- publisher connection ----
@@ -602,6 +629,7 @@ export class Session extends EventTarget {
     if (this.#ended) return;
     this.#ended = true;
     this.joined = false;
+    if (this.speakers.length) this.#setSpeakers([]);
     clearInterval(this.#pingTimer);
     for (const l of this.local.values()) l.track.stop();
     this.pub?.close();

@@ -226,6 +226,8 @@ impl Engine {
         let estimate = cc.bwe.estimate_bps();
         let mode = cc.bwe.mode();
         self.metrics.set_estimate(&participant.to_string(), estimate);
+        // The room's dominant speaker's camera ranks above other cameras.
+        let dominant = self.participants.get(&participant).and_then(|p| self.rooms.get(&p.room)).and_then(|r| r.speakers.dominant());
         // Demands: every video down track fed by a track, described by its layers.
         let mut demands = Vec::new();
         let mut audio_bps = 0u64;
@@ -258,6 +260,8 @@ impl Engine {
                 Priority::Pinned
             } else if track.source == TrackSource::ScreenShare {
                 Priority::ScreenShare
+            } else if Some(track.owner) == dominant && track.source == TrackSource::Camera {
+                Priority::Speaker
             } else {
                 Priority::Normal
             };

@@ -47,7 +47,22 @@ impl Engine {
             return;
         };
         match track.kind {
-            MediaKind::Audio => self.metrics.rtp_packets_in_audio.inc(),
+            MediaKind::Audio => {
+                self.metrics.rtp_packets_in_audio.inc();
+                // The speaker detector reads the level the sender put on the packet (RFC 6464);
+                // a muted track is silent whatever it carries.
+                let ext = *track.audio_level_ext.get_or_insert_with(|| {
+                    let mut receiver = peer.pc.rtp_receiver(track.receiver)?;
+                    let params = &receiver.get_parameters().rtp_parameters.header_extensions;
+                    params.iter().find(|e| e.uri == crate::rtc_setup::URI_AUDIO_LEVEL).map(|e| e.id as u8)
+                });
+                let level = if track.muted { Some(127) } else { ext.and_then(|id| packet.header.get_extension(id)).and_then(|b| b.first().map(|v| v & 0x7f)) };
+                if let Some(level) = level
+                    && let Some(room) = self.participants.get(&track.owner).and_then(|p| self.rooms.get_mut(&p.room))
+                {
+                    room.speakers.observe(now, track.owner, level);
+                }
+            }
             MediaKind::Video => self.metrics.rtp_packets_in_video.inc(),
         }
         self.metrics.rtp_bytes_in.inc_by(packet.payload.len() as u64);

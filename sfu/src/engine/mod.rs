@@ -65,11 +65,14 @@ pub struct RemoteCandidate {
 }
 
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
+/// How often each room's active speakers are recomputed (and announced if they changed).
+const SPEAKER_EVALUATION_INTERVAL: Duration = Duration::from_millis(300);
 /// The sender SSRC the engine puts in the RTCP it originates towards publishers.
 const ENGINE_RTCP_SSRC: u32 = 1;
 
 struct Room {
     participants: Vec<ParticipantId>,
+    speakers: crate::speaker::SpeakerDetector<ParticipantId>,
 }
 
 struct Participant {
@@ -101,6 +104,8 @@ struct PublishedTrack {
     /// Spatial index of each entry of `layers` (0 = lowest quality).
     spatial: Vec<u8>,
     subscribers: Vec<(PeerId, DownTrackId)>,
+    /// Id of the RFC 6464 audio level header extension on this (audio) track, once looked up.
+    audio_level_ext: Option<Option<u8>>,
 }
 
 impl PublishedTrack {
@@ -281,6 +286,7 @@ pub struct Engine {
     outputs: VecDeque<Output>,
     metrics: Metrics,
     next_housekeeping: Instant,
+    next_speaker_evaluation: Instant,
     next_media_tick: Instant,
     next_allocation: Instant,
     draining: bool,
@@ -325,6 +331,7 @@ impl Engine {
             outputs: VecDeque::new(),
             metrics,
             next_housekeeping: now + HOUSEKEEPING_INTERVAL,
+            next_speaker_evaluation: now + SPEAKER_EVALUATION_INTERVAL,
             next_media_tick: now + congestion::ALLOCATION_INTERVAL,
             next_allocation: now + congestion::ALLOCATION_INTERVAL,
             draining: false,
@@ -371,7 +378,7 @@ impl Engine {
             declared: HashMap::new(),
         };
         let info = ParticipantInfo { id, identity: participant.identity.clone(), name: participant.name.clone(), tracks: vec![] };
-        let room = self.rooms.entry(req.room.clone()).or_insert_with(|| Room { participants: Vec::new() });
+        let room = self.rooms.entry(req.room.clone()).or_insert_with(|| Room { participants: Vec::new(), speakers: Default::default() });
         let others: Vec<ParticipantId> = room.participants.clone();
         room.participants.push(id);
         let visible = participant.kind == ParticipantKind::WebSocket || participant.kind == ParticipantKind::Whip;
@@ -384,6 +391,11 @@ impl Engine {
             }
         }
         let others_info = others.iter().filter_map(|o| self.participant_info(*o)).collect();
+        // Whoever is already speaking: announcements only go out on changes.
+        let speaking = self.rooms.get(&req.room).map(|r| r.speakers.active().to_vec()).unwrap_or_default();
+        if self.participants[&id].kind == ParticipantKind::WebSocket && !speaking.is_empty() {
+            self.emit(id, ParticipantEvent::ActiveSpeakers { speakers: speaking });
+        }
         if wants_media {
             let existing: Vec<TrackId> = others.iter().flat_map(|o| self.participants[o].tracks.clone()).collect();
             for t in existing {
@@ -727,6 +739,10 @@ impl Engine {
             self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
             self.housekeeping(now);
         }
+        if now >= self.next_speaker_evaluation {
+            self.next_speaker_evaluation = now + SPEAKER_EVALUATION_INTERVAL;
+            self.evaluate_speakers(now);
+        }
         if now >= self.next_media_tick {
             self.media_tick(now);
         }
@@ -735,7 +751,7 @@ impl Engine {
 
     /// The next instant `handle_timeout` must be called at.
     pub fn poll_timeout(&self) -> Instant {
-        let own = self.next_housekeeping.min(self.next_media_tick);
+        let own = self.next_housekeeping.min(self.next_media_tick).min(self.next_speaker_evaluation);
         match self.deadlines.first() {
             Some(&(at, _)) if at < own => at,
             _ => own,
@@ -760,6 +776,21 @@ impl Engine {
             info!(participant = %participant, peer = peer.0, why, "peer timed out");
             self.metrics.peers_timed_out.inc();
             self.remove_participant(now, participant, LeaveReason::Timeout);
+        }
+    }
+
+    /// Recomputes every room's active speakers and tells its participants when they changed.
+    fn evaluate_speakers(&mut self, now: Instant) {
+        let mut changed: Vec<(RoomName, Vec<(ParticipantId, f32)>)> = Vec::new();
+        for (name, room) in &mut self.rooms {
+            if let Some(active) = room.speakers.evaluate(now) {
+                changed.push((name.clone(), active.to_vec()));
+            }
+        }
+        for (room, speakers) in changed {
+            self.metrics.active_speaker_changes.inc();
+            debug!(room = %room, speakers = ?speakers, "active speakers");
+            self.broadcast(&room, None, ParticipantEvent::ActiveSpeakers { speakers });
         }
     }
 
@@ -1060,6 +1091,7 @@ impl Engine {
                     layers: Vec::new(),
                     spatial: Vec::new(),
                     subscribers: Vec::new(),
+                    audio_level_ext: None,
                 },
             );
             if let Some(peer) = self.peers.get_mut(&peer_id) {
@@ -1257,6 +1289,7 @@ impl Engine {
         self.participants.remove(&id);
         if let Some(r) = self.rooms.get_mut(&room) {
             r.participants.retain(|p| *p != id);
+            r.speakers.remove(id);
             if r.participants.is_empty() {
                 self.rooms.remove(&room);
             }

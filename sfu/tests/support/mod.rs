@@ -31,6 +31,7 @@ use webrtc::peer_connection::{
 
 pub const URI_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 pub const URI_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+pub const URI_AUDIO_LEVEL: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
 /// A string-valued header extension (mid, rid) for `SampleWriter::with_extension`.
 struct TextExtension(String);
@@ -110,6 +111,8 @@ impl TrackStats {
 #[derive(Default)]
 struct Shared {
     tracks: Mutex<HashMap<String, TrackStats>>,
+    /// RFC 6464 level (−dBov) + 1 put on the microphone's packets; 0: no level extension.
+    audio_level_plus_one: std::sync::atomic::AtomicU8,
     keyframe_requests: AtomicU64,
     sender_reports: Arc<Mutex<HashMap<u32, Vec<ReceivedSr>>>>,
 }
@@ -379,6 +382,7 @@ impl NativePeer {
             me.register_header_extension(rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: uri.into() }, RtpCodecKind::Video, None).unwrap();
         }
         me.register_codec(rtc::rtp_transceiver::rtp_sender::RTCRtpCodecParameters { rtp_codec: opus_codec(), payload_type: 111 }, RtpCodecKind::Audio).unwrap();
+        me.register_header_extension(rtc::rtp_transceiver::rtp_sender::RTCRtpHeaderExtensionCapability { uri: URI_AUDIO_LEVEL.into() }, RtpCodecKind::Audio, None).unwrap();
         let shared = Arc::new(Shared::default());
         let keyframe_requests = KeyframeRequests { sender_reports: shared.sender_reports.clone(), ..Default::default() };
         let registry = register_default_interceptors(Registry::new(), &mut me).unwrap().with(Slot::from(20_000), keyframe_requests);
@@ -397,6 +401,12 @@ impl NativePeer {
         Self { pc: Arc::new(pc), gathered: grx, state: srx, shared, streaming: Vec::new() }
     }
 
+    /// The audio level (−dBov, 0 loudest, 127 silence; RFC 6464) the microphone's packets carry
+    /// from now on; `None`: no level extension (the default).
+    pub fn set_audio_level(&self, level: Option<u8>) {
+        self.shared.audio_level_plus_one.store(level.map_or(0, |l| l.min(127) + 1), Ordering::Relaxed);
+    }
+
     async fn wait_gathered(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.gathered.wait_for(|g| *g)).await;
     }
@@ -413,7 +423,7 @@ impl NativePeer {
         self.pc.add_track(audio.clone() as Arc<dyn TrackLocal>).await.unwrap();
         let state = self.state.clone();
         self.streaming.push(tokio::spawn(stream_video(video, state.clone(), self.shared.clone())));
-        self.streaming.push(tokio::spawn(stream_audio(audio, state)));
+        self.streaming.push(tokio::spawn(stream_audio(audio, state, self.shared.clone())));
         ("cam-video".into(), "cam-audio".into())
     }
 
@@ -627,7 +637,7 @@ async fn stream_video(track: Arc<TrackLocalStaticSample>, state: watch::Receiver
     }
 }
 
-async fn stream_audio(track: Arc<TrackLocalStaticSample>, state: watch::Receiver<RTCPeerConnectionState>) {
+async fn stream_audio(track: Arc<TrackLocalStaticSample>, state: watch::Receiver<RTCPeerConnectionState>, shared: Arc<Shared>) {
     if !wait_for_connected(state).await {
         return;
     }
@@ -639,7 +649,11 @@ async fn stream_audio(track: Arc<TrackLocalStaticSample>, state: watch::Receiver
         tick.tick().await;
         let frame = src.next_frame().unwrap();
         let sample = rtc::media::Sample { data: Bytes::from(frame), duration: Duration::from_millis(20), ..rtc::media::Sample::new(Instant::now()) };
-        if track.sample_writer(ssrc, pt).write_sample(&sample).await.is_err() {
+        let mut writer = track.sample_writer(ssrc, pt);
+        if let Some(level) = shared.audio_level_plus_one.load(Ordering::Relaxed).checked_sub(1) {
+            writer = writer.with_audio_level(rtc::rtp::extension::audio_level_extension::AudioLevelExtension { level, voice: level < 127 });
+        }
+        if writer.write_sample(&sample).await.is_err() {
             return;
         }
     }
