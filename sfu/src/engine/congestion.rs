@@ -32,6 +32,8 @@ const PROBE_AFTER_SUCCESS: Duration = Duration::from_millis(500);
 const LOSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(1000);
 /// After a failed probe, this long times the failures in a row (at most 2).
 const PROBE_AFTER_FAILURE: Duration = Duration::from_millis(1500);
+/// Most failures in a row the wait after a failure grows with.
+const PROBE_BACKOFF_STEPS: u32 = 1;
 /// What a padding-only probe packet costs on the wire (RTP header, extensions, padding, SRTP tag,
 /// UDP/IP).
 const PADDING_PACKET_BYTES: i64 = 70;
@@ -218,7 +220,7 @@ impl Engine {
             }
             Some(ProbeOutcome::Failed) => {
                 cc.probe_failures += 1;
-                cc.next_probe_at = now + PROBE_AFTER_FAILURE * cc.probe_failures.min(2);
+                cc.next_probe_at = now + PROBE_AFTER_FAILURE * cc.probe_failures.min(PROBE_BACKOFF_STEPS);
                 cc.last_probe_succeeded = false;
             }
             None => {}
