@@ -485,10 +485,11 @@ impl Estimator {
         if self.loss_avg > HIGH_LOSS {
             let current = self.loss_target.min(self.target).min(self.remb.unwrap_or(MAX_BPS));
             self.ceiling = Some((current, now));
-            // With transport-cc, at most a 30% cut per interval (the delay-based part reacts
-            // first and better). Without it loss is the only signal: heavy loss means the path
-            // carried only the rest of what was sent, so the bound goes straight there.
-            let factor = if self.mode != Mode::TransportCc && self.loss_avg > 0.3 { (1.0 - self.loss_avg).max(0.2) } else { 1.0 - 0.5 * self.loss_avg.min(0.6) };
+            // Moderate loss: at most a 30% cut per interval (with transport-cc the delay-based
+            // part reacts first and better). Heavy loss means the path carried only the rest of
+            // what was sent (a link that just dropped to a fraction of the rate): the bound goes
+            // straight there, so the allocator steps down once instead of layer by layer.
+            let factor = if self.loss_avg > 0.3 { (1.0 - self.loss_avg).max(0.2) } else { 1.0 - 0.5 * self.loss_avg.min(0.6) };
             self.loss_target = (current * factor).clamp(MIN_BPS, MAX_BPS);
             self.last_loss_change = Some(now);
         } else if self.loss_avg < 0.02 && self.loss_target < MAX_BPS {
@@ -752,6 +753,22 @@ mod tests {
         let after = e.estimate_bps();
         assert!(e.loss() > 0.15, "loss measured: {}", e.loss());
         assert!(after < before * 0.8, "25% loss: {before} → {after}");
+    }
+
+    #[test]
+    fn a_link_that_drops_to_a_third_is_followed_in_one_step() {
+        // 1 Mbit/s through a link that suddenly carries only a third of it (constant delay, so
+        // only loss tells): within two loss intervals the estimate is near what gets through,
+        // not 30% lower per interval.
+        let mut e = Estimator::new(1_000_000.0);
+        let mut path = Path::new();
+        path.run(&mut e, 300, 8.0, 1000, |_| 20.0, |_| false);
+        assert!(e.estimate_bps() >= 900_000.0);
+        path.run(&mut e, 125, 8.0, 1000, |_| 20.0, |i| i % 3 != 0);
+        let after = e.estimate_bps();
+        assert!(e.loss() > 0.6, "loss measured: {}", e.loss());
+        assert!(after < 450_000.0, "two thirds lost: estimate {after} (what got through: ~333k)");
+        assert!(after > 150_000.0, "not below what got through by much: {after}");
     }
 
     #[test]
