@@ -144,7 +144,12 @@ async fn refusals_on_the_data_channel_are_answered_not_dropped() {
         let v = alice.wait_for(T, |m| m["id"] == id.as_str()).await.expect("every message is answered");
         match v["type"].as_str() {
             Some("ack") => acks += 1,
-            Some("error") if v["code"] == "rate_limited" => limited += 1,
+            Some("error") if v["code"] == "rate_limited" => {
+                // Says when to come back: within the limiter's refill time (1/s: 1000 ms).
+                let wait = v["retry_after_ms"].as_u64().unwrap_or_else(|| panic!("retry_after_ms: {v}"));
+                assert!((1..=1000).contains(&wait), "{v}");
+                limited += 1
+            }
             _ => panic!("{v}"),
         }
     }
@@ -276,7 +281,9 @@ async fn rest_api_posts_pages_searches_and_refuses_clearly() {
             break;
         }
     }
-    assert_eq!(limited.expect("rate limited within 100 posts")["code"], "rate_limited");
+    let limited = limited.expect("rate limited within 100 posts");
+    assert_eq!(limited["code"], "rate_limited");
+    assert!(limited["retry_after_ms"].as_u64().is_some_and(|ms| ms >= 1), "{limited}");
     carol.close().await;
     srv.stop().await;
 }

@@ -472,7 +472,8 @@ export class ChatClient extends EventTarget {
     const p = msg.id != null ? this.pending.find((x) => x.id === msg.id) : undefined;
     if (p) {
       if (RETRYABLE.has(msg.code) && p.auto < MAX_AUTO_RETRIES) {
-        // Retry-After is 1 s for the rate limit; the same id makes a retry safe.
+        // Backs off a second per attempt (the server's retry_after_ms is the earliest a single
+        // message passes; a burst needs more); the same id makes a retry safe.
         p.auto++;
         p.error = { code: msg.code, message: msg.message, retrying: true };
         clearTimeout(this.#retryTimers.get(p.id));

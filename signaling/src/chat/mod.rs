@@ -146,8 +146,8 @@ pub enum ChatError {
     BadMessage(String),
     #[error("text of {len} bytes is over the {max} byte limit")]
     TooLong { len: usize, max: usize },
-    #[error("more than {0} chat messages per second")]
-    RateLimited(u32),
+    #[error("more than {per_second} chat messages per second; retry in {retry_after_ms} ms")]
+    RateLimited { per_second: u32, retry_after_ms: u64 },
     #[error("not allowed: {0}")]
     Forbidden(&'static str),
     #[error("{0}")]
@@ -159,11 +159,28 @@ pub enum ChatError {
 }
 
 impl ChatError {
+    /// A rate-limit refusal from a governor verdict: how long until one more message passes.
+    pub fn rate_limited(per_second: u32, not_until: &governor::NotUntil<governor::clock::QuantaInstant>) -> Self {
+        use governor::clock::{Clock, DefaultClock};
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        // Rounded up, at least 1 ms: a client that waits this long is let through.
+        let retry_after_ms = (wait.as_micros().div_ceil(1000) as u64).max(1);
+        ChatError::RateLimited { per_second, retry_after_ms }
+    }
+
+    /// For refusals a client should retry later: after how many milliseconds.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            ChatError::RateLimited { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             ChatError::BadMessage(_) => ErrorCode::BadMessage,
             ChatError::TooLong { .. } => ErrorCode::TooLong,
-            ChatError::RateLimited(_) => ErrorCode::RateLimited,
+            ChatError::RateLimited { .. } => ErrorCode::RateLimited,
             ChatError::Forbidden(_) => ErrorCode::Forbidden,
             ChatError::NotFound(_) => ErrorCode::NotFound,
             ChatError::Overloaded => ErrorCode::Unavailable,

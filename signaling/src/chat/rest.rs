@@ -27,21 +27,30 @@ fn max_body(state: &AppState) -> usize {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>, id: Option<&str>) -> Response {
+    error_retry(code, message, id, None)
+}
+
+/// An error response; `retry_after_ms` adds the `retry_after_ms` field and a `Retry-After`
+/// header (whole seconds, rounded up, as HTTP wants).
+fn error_retry(code: ErrorCode, message: impl Into<String>, id: Option<&str>, retry_after_ms: Option<u64>) -> Response {
     let mut body = json!({ "code": code.as_str(), "message": message.into() });
     if let Some(id) = id {
         body["id"] = json!(id);
     }
+    if let Some(ms) = retry_after_ms {
+        body["retry_after_ms"] = json!(ms);
+    }
     let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = (status, Json(body)).into_response();
-    if code == ErrorCode::RateLimited {
-        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    if let Some(ms) = retry_after_ms {
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(ms.div_ceil(1000).max(1)));
     }
     r
 }
 
 fn refuse(state: &AppState, e: ChatError, id: Option<&str>) -> Response {
     let e = state.chat.refuse(e);
-    error(e.code(), e.to_string(), id)
+    error_retry(e.code(), e.to_string(), id, e.retry_after_ms())
 }
 
 /// Room name, token (room match, grant), rate limit.

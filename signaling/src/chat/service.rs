@@ -230,7 +230,7 @@ impl ChatService {
         if self.rest_limiter.len() > 100_000 {
             self.rest_limiter.retain_recent();
         }
-        self.rest_limiter.check_key(&(room.0.clone(), identity.to_owned())).map_err(|_| ChatError::RateLimited(self.cfg.messages_per_second))
+        self.rest_limiter.check_key(&(room.0.clone(), identity.to_owned())).map_err(|not_until| ChatError::rate_limited(self.cfg.messages_per_second, &not_until))
     }
 
     /// Sends one message to one participant's chat channel.

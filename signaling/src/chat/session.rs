@@ -142,7 +142,11 @@ fn ready(out: Out) -> BoxFuture<'static, Out> {
 
 fn refusal(service: &ChatService, e: ChatError, id: Option<&str>, req: &Option<Value>) -> Out {
     let e = service.refuse(e);
-    vec![(wire::error(e.code(), &e.to_string(), id, req), "error")]
+    let mut v = wire::error(e.code(), &e.to_string(), id, req);
+    if let Some(ms) = e.retry_after_ms() {
+        v["retry_after_ms"] = serde_json::json!(ms);
+    }
+    vec![(v, "error")]
 }
 
 /// Does everything that must happen in arrival order now (parse, rate limit, validate, queue the
@@ -162,8 +166,8 @@ fn handle(service: &Arc<ChatService>, actor: &Actor, limiter: &DefaultDirectRate
     service.metrics.messages_in.with_label_values(&[env.request.kind(), "data_channel"]).inc();
     let req = env.req;
     let id = env.id;
-    if limiter.check().is_err() {
-        return ready(refusal(service, ChatError::RateLimited(service.config().messages_per_second), id.as_deref(), &req));
+    if let Err(not_until) = limiter.check() {
+        return ready(refusal(service, ChatError::rate_limited(service.config().messages_per_second, &not_until), id.as_deref(), &req));
     }
     match env.request {
         Request::Chat { id: cid, text, reply_to } => {
