@@ -102,7 +102,14 @@ async fn two_participants_chat_and_a_reconnecting_one_gets_history() {
     assert!(srv.metric("warbler_chat_refusals_total", Some("code=\"forbidden\"")).await >= 2.0);
     assert!(srv.metric("warbler_chat_store_seconds_count", None).await >= 1.0);
     assert!(srv.metric("warbler_chat_search_seconds_count", None).await >= 2.0);
+
+    // alice leaves while typing: bob is told she stopped, not left to wait for the expiry.
+    alice.send(json!({"type":"typing","on":true})).await;
+    let typing = bob.wait_type("typing").await;
+    assert_eq!((typing["from"].as_str(), typing["on"].as_bool()), (Some("alice"), Some(true)));
     alice.close().await;
+    let stopped = bob.wait_for(T, |m| m["type"] == "typing" && m["from"] == "alice").await.expect("typing off when alice leaves");
+    assert_eq!(stopped["on"], false);
     bob.close().await;
     srv.stop().await;
 }

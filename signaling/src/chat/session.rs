@@ -87,10 +87,12 @@ async fn run(service: Arc<ChatService>, actor: Actor, mut inbox: mpsc::Unbounded
     let quota = Quota::per_second(NonZeroU32::new(cfg.messages_per_second).unwrap_or(NonZeroU32::MIN)).allow_burst(NonZeroU32::new(cfg.burst).unwrap_or(NonZeroU32::MIN));
     let limiter = RateLimiter::direct(quota);
     let mut pending: FuturesOrdered<BoxFuture<'static, Out>> = FuturesOrdered::new();
+    // When this session last said it is typing (and has not said it stopped).
+    let mut typing_since: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             m = inbox.recv(), if pending.len() < MAX_IN_FLIGHT => match m {
-                Some(Inbound::Message(data, is_text)) => pending.push_back(handle(&service, &actor, &limiter, &data, is_text)),
+                Some(Inbound::Message(data, is_text)) => pending.push_back(handle(&service, &actor, &limiter, &mut typing_since, &data, is_text)),
                 Some(Inbound::TooLarge { len, limit }) => {
                     service.metrics.messages_in.with_label_values(&["invalid", "data_channel"]).inc();
                     pending.push_back(ready(refusal(&service, ChatError::TooLong { len, max: limit }, None, &None)));
@@ -110,7 +112,15 @@ async fn run(service: Arc<ChatService>, actor: Actor, mut inbox: mpsc::Unbounded
             service.send_to(me, v, kind).await;
         }
     }
+    // Gone while typing: others' indicators stop now rather than when they expire.
+    if typing_since.is_some_and(|t| t.elapsed() < TYPING_RELEVANT) {
+        let _ = service.typing(&actor, false).await;
+    }
 }
+
+/// How long after a `typing` on:true others may still show the indicator (clients expire it
+/// after 6.5 s without a refresh).
+const TYPING_RELEVANT: std::time::Duration = std::time::Duration::from_secs(7);
 
 /// `hello` (who you are, where the room is, your read state, the limits) and the latest page.
 async fn greet(service: &Arc<ChatService>, actor: &Actor, me: ParticipantId) {
@@ -151,7 +161,7 @@ fn refusal(service: &ChatService, e: ChatError, id: Option<&str>, req: &Option<V
 
 /// Does everything that must happen in arrival order now (parse, rate limit, validate, queue the
 /// write) and returns the future of the replies.
-fn handle(service: &Arc<ChatService>, actor: &Actor, limiter: &DefaultDirectRateLimiter, data: &[u8], is_text: bool) -> BoxFuture<'static, Out> {
+fn handle(service: &Arc<ChatService>, actor: &Actor, limiter: &DefaultDirectRateLimiter, typing_since: &mut Option<std::time::Instant>, data: &[u8], is_text: bool) -> BoxFuture<'static, Out> {
     if !is_text {
         service.metrics.messages_in.with_label_values(&["invalid", "data_channel"]).inc();
         return ready(refusal(service, ChatError::BadMessage("chat messages are JSON text, not binary".into()), None, &None));
@@ -216,6 +226,7 @@ fn handle(service: &Arc<ChatService>, actor: &Actor, limiter: &DefaultDirectRate
             })
         }
         Request::Typing { on } => {
+            *typing_since = on.then(std::time::Instant::now);
             let (svc, actor) = (service.clone(), actor.clone());
             Box::pin(async move {
                 match svc.typing(&actor, on).await {
