@@ -64,6 +64,10 @@ pub struct RemoteCandidate {
     pub sdp_mline_index: Option<u16>,
 }
 
+/// Maps on the per-packet path, keyed by ids the server assigns (or SSRCs, bounded per peer):
+/// a fast non-cryptographic hash; nothing here is keyed by attacker-chosen strings.
+type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 /// How often each room's active speakers are recomputed (and announced if they changed).
 const SPEAKER_EVALUATION_INTERVAL: Duration = Duration::from_millis(300);
@@ -255,11 +259,11 @@ struct Peer {
     dirty: bool,
     // Publisher side.
     published: HashMap<String, TrackId>,
-    ssrc_tracks: HashMap<u32, TrackId>,
+    ssrc_tracks: FastMap<u32, TrackId>,
     pt_codecs: HashMap<u8, Codec>,
     // Subscriber side.
-    down: HashMap<DownTrackId, DownTrack>,
-    down_by_ssrc: HashMap<u32, DownTrackId>,
+    down: FastMap<DownTrackId, DownTrack>,
+    down_by_ssrc: FastMap<u32, DownTrackId>,
     offer_in_flight: bool,
     negotiation_needed: bool,
     /// Open data channels: label → id (the client opens them; a label is unique per peer).
@@ -276,9 +280,9 @@ pub struct Engine {
     rng: StdRng,
     next_id: u64,
     rooms: HashMap<RoomName, Room>,
-    participants: HashMap<ParticipantId, Participant>,
-    peers: HashMap<PeerId, Peer>,
-    tracks: HashMap<TrackId, PublishedTrack>,
+    participants: FastMap<ParticipantId, Participant>,
+    peers: FastMap<PeerId, Peer>,
+    tracks: FastMap<TrackId, PublishedTrack>,
     demux: Demux,
     deadlines: BTreeSet<(Instant, PeerId)>,
     dirty: Vec<PeerId>,
@@ -321,9 +325,9 @@ impl Engine {
             rng: StdRng::seed_from_u64(seed),
             next_id: 1,
             rooms: HashMap::new(),
-            participants: HashMap::new(),
-            peers: HashMap::new(),
-            tracks: HashMap::new(),
+            participants: FastMap::default(),
+            peers: FastMap::default(),
+            tracks: FastMap::default(),
             demux: Demux::default(),
             deadlines: BTreeSet::new(),
             dirty: Vec::new(),
@@ -826,10 +830,10 @@ impl Engine {
                 deadline: None,
                 dirty: false,
                 published: HashMap::new(),
-                ssrc_tracks: HashMap::new(),
+                ssrc_tracks: FastMap::default(),
                 pt_codecs: HashMap::new(),
-                down: HashMap::new(),
-                down_by_ssrc: HashMap::new(),
+                down: FastMap::default(),
+                down_by_ssrc: FastMap::default(),
                 offer_in_flight: false,
                 negotiation_needed: false,
                 data_channels: HashMap::new(),
