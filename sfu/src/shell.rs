@@ -353,9 +353,13 @@ const GSO_MAX_BYTES: usize = 65_000;
 struct TxBatch {
     /// (socket, destination, datagram, next datagram of the same group or `NONE`)
     items: Vec<(usize, SocketAddr, BytesMut, usize)>,
-    /// (socket, destination) → (first, last) item of its group.
-    groups: HashMap<(usize, SocketAddr), (usize, usize)>,
+    /// (socket, destination) → (first, last) item of its group. Hashed with Fx: one lookup per
+    /// datagram, and the keys are our sockets and the peers' ICE-selected addresses.
+    groups: HashMap<(usize, SocketAddr), (usize, usize), rustc_hash::FxBuildHasher>,
     heads: Vec<usize>,
+    /// Reused across flushes: one group's items and their lengths.
+    group: Vec<usize>,
+    lens: Vec<usize>,
     /// Cleared when the kernel refuses GSO (old kernel, device without support): plain sends.
     gso: bool,
 }
@@ -364,7 +368,7 @@ const NONE: usize = usize::MAX;
 
 impl TxBatch {
     fn new() -> Self {
-        Self { items: Vec::new(), groups: HashMap::new(), heads: Vec::new(), gso: cfg!(target_os = "linux") }
+        Self { items: Vec::new(), groups: HashMap::default(), heads: Vec::new(), group: Vec::new(), lens: Vec::new(), gso: cfg!(target_os = "linux") }
     }
 
     fn push(&mut self, socket: usize, to: SocketAddr, data: BytesMut) {
@@ -396,8 +400,7 @@ impl TxBatch {
                 send_one(&sockets[*socket], data, *to, metrics);
             }
         } else {
-            let mut group: Vec<usize> = Vec::new();
-            let mut lens: Vec<usize> = Vec::new();
+            let (mut group, mut lens) = (std::mem::take(&mut self.group), std::mem::take(&mut self.lens));
             for h in 0..self.heads.len() {
                 group.clear();
                 let mut i = self.heads[h];
@@ -414,6 +417,7 @@ impl TxBatch {
                     start += n;
                 }
             }
+            (self.group, self.lens) = (group, lens);
         }
         self.items.clear();
         self.groups.clear();
