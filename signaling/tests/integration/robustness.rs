@@ -1,7 +1,7 @@
 //! Bad input and vanishing peers: every refusal reaches only the offending client with a code,
 //! the process keeps running, and a working room keeps its media.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! WHIP ingest and WHEP playback with native WebRTC clients: a player that waits for its
 //! publisher, sees the same continuous stream across a publisher restart, and trickle/DELETE.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! publisher. Adapting to a capped link is shown with real browsers behind `tc tbf`
 //! (web-demo/tests, test F) and an aiortc REMB viewer (test G).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

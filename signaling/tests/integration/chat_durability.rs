@@ -4,8 +4,7 @@
 //! Every acknowledged message must be there exactly once with its acknowledged seq, every resend
 //! must be stored once, and the room's seqs must be gapless.
 
-mod chat_support;
-mod common;
+use crate::chat_support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,7 @@
 //! The `warbler` binary as an operator uses it: `token` and `serve` sharing a data directory,
 //! configuration from file and environment, health, and a graceful drain on SIGINT.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-#[path = "../../../sfu/tests/support/mod.rs"]
+#[path = "../../../../sfu/tests/support/mod.rs"]
 pub mod native;
 
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! A room end to end through the real server: WebSocket signaling, the engine on one UDP port,
 //! and native WebRTC clients that decode what they receive.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

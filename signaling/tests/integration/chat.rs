@@ -3,8 +3,8 @@
 //! of others, history after a reconnect, edits, deletes, reactions, typing, receipts, mentions,
 //! search, and every refusal.
 
-mod chat_support;
-mod common;
+use crate::chat_support;
+use crate::common;
 
 use chat_support::{ChatClient, T};
 use common::TestServer;

@@ -1,7 +1,7 @@
 //! Media behaviour seen by a subscriber: NACKs answered from the server's cache over a lossy
 //! link, mute/unmute without a sequence gap, and the room size limit.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

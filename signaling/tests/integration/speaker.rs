@@ -1,7 +1,7 @@
 //! Active speaker end to end: native publishers put RFC 6464 audio levels on real Opus packets,
 //! and a subscriber is told who speaks, in order, and when nobody does.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
