@@ -236,7 +236,7 @@ fn interceptors(role: PeerRole) -> Registry {
             .with(Slot::TwccReceiver, TwccReceiverBuilder::new().build())
             .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build()),
         // Sending: nothing. The engine writes RTP past the stack's pipeline and interceptors
-        // (`protect_rtp_direct`) and makes the sender reports itself (engine/rtp_out.rs); NACKs
+        // (`protect_rtp_in_place`) and makes the sender reports itself (engine/rtp_out.rs); NACKs
         // are answered from its shared per-track cache (no NACK responder send buffer).
         PeerRole::Subscriber | PeerRole::Whep => Registry::new(),
     };

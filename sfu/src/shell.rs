@@ -339,6 +339,9 @@ fn deliver(core: &mut Core, sockets: &[Bound], by_local: &HashMap<SocketAddr, us
         }
     }
     tx.flush(sockets, metrics);
+    for data in tx.sent() {
+        core.engine.recycle(data);
+    }
 }
 
 /// Most segments in one GSO send (the kernel's `UDP_MAX_SEGMENTS` is 64 or more) and most bytes.
@@ -419,9 +422,13 @@ impl TxBatch {
             }
             (self.group, self.lens) = (group, lens);
         }
-        self.items.clear();
         self.groups.clear();
         self.heads.clear();
+    }
+
+    /// The buffers of the datagrams just flushed, to give back to the engine.
+    fn sent(&mut self) -> impl Iterator<Item = BytesMut> + '_ {
+        self.items.drain(..).map(|(_, _, data, _)| data)
     }
 
     fn send_run(&mut self, run: &[usize], size: usize, sockets: &[Bound], metrics: &Metrics) {

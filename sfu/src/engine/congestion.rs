@@ -461,7 +461,7 @@ impl Engine {
                 });
             }
         }
-        let mut tx = Tx { outputs: &mut self.outputs, scratch: &mut self.scratch, metrics: &self.metrics };
+        let mut tx = Tx { outputs: &mut self.outputs, buffers: &mut self.buffers, metrics: &self.metrics };
         for out in outs {
             if peer.send_packet(now, &mut tx, &out, SendKind::Probe) {
                 self.metrics.probe_packets.inc();

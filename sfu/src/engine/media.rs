@@ -165,7 +165,7 @@ impl Engine {
                         dt.remember_vp8(ext_seq, r);
                     }
                     let out = RtpOut { marker, payload_type: dt.out_pt.unwrap_or_default(), sequence_number: ext_seq as u16, timestamp: ext_ts as u32, ssrc: dt.out_ssrc, padding: false };
-                    let mut tx = Tx { outputs: &mut self.outputs, scratch: &mut self.scratch, metrics: &self.metrics };
+                    let mut tx = Tx { outputs: &mut self.outputs, buffers: &mut self.buffers, metrics: &self.metrics };
                     if send_rtp(&mut sub.pc, sub.cc.as_mut(), Some(&mut dt.sender_stats), &mut tx, now, &out, payload, SendKind::Media) {
                         forwarded += 1;
                         forwarded_bytes += payload.len() as u64;
@@ -323,7 +323,7 @@ impl Engine {
         if let Some(cc) = peer.cc.as_mut() {
             cc.packets_nacked += lost_known;
         }
-        let mut tx = Tx { outputs: &mut self.outputs, scratch: &mut self.scratch, metrics: &self.metrics };
+        let mut tx = Tx { outputs: &mut self.outputs, buffers: &mut self.buffers, metrics: &self.metrics };
         for out in outs {
             // On the RTX stream when the subscriber has one (it is what receivers expect for
             // repairs), else as the original packet again.

@@ -294,8 +294,10 @@ pub struct Engine {
     next_media_tick: Instant,
     next_allocation: Instant,
     draining: bool,
-    /// Where RTP to subscribers is marshalled before it is protected.
-    scratch: Vec<u8>,
+    /// Datagram buffers the shell gave back after sending ([`Engine::recycle`]): RTP to
+    /// subscribers is marshalled and encrypted in one of them, so a forwarded copy costs no
+    /// allocation.
+    buffers: Vec<BytesMut>,
     /// Wall-clock time at an instant, for the NTP time of sender reports.
     wall: SystemInstant,
 }
@@ -339,7 +341,7 @@ impl Engine {
             next_media_tick: now + congestion::ALLOCATION_INTERVAL,
             next_allocation: now + congestion::ALLOCATION_INTERVAL,
             draining: false,
-            scratch: Vec::with_capacity(1500),
+            buffers: Vec::new(),
             wall,
         })
     }
@@ -764,6 +766,12 @@ impl Engine {
 
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
+    }
+
+    /// Takes back the buffer of a sent [`Output::Transmit`] for reuse (a bounded pool of
+    /// datagram-sized buffers; others are dropped).
+    pub fn recycle(&mut self, data: BytesMut) {
+        rtp_out::recycle(&mut self.buffers, data);
     }
 
     fn housekeeping(&mut self, now: Instant) {

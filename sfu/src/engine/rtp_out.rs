@@ -1,13 +1,16 @@
-//! Writing RTP to subscribers. Each packet is marshalled once, with the connection's header
-//! extensions, into a buffer the engine reuses; the WebRTC stack only SRTP-protects and addresses
-//! it (`RTCPeerConnection::protect_rtp_direct`, a Warbler patch of rtc: see
-//! `sfu/vendor/rtc/WARBLER-PATCH.md`) and the datagram goes straight to the engine's output. The
+//! Writing RTP to subscribers. Each copy is marshalled, with the connection's header extensions,
+//! into a datagram buffer from the engine's pool; the WebRTC stack only SRTP-protects it in place
+//! and says where it goes (`RTCPeerConnection::protect_rtp_in_place`, a Warbler patch of rtc: see
+//! `sfu/vendor/rtc/WARBLER-PATCH.md`), and the buffer goes straight to the engine's output. The
+//! shell hands it back after sending, so a forwarded copy allocates nothing. The
 //! stack's handler pipeline and interceptor chain are not involved, so the sender reports its
 //! interceptor derived from the packets it saw are made here: per down track packet and octet
 //! counts and the RTP ↔ wall-clock mapping of the last frame sent.
 
 use std::collections::VecDeque;
 use std::time::Instant;
+
+use bytes::{BufMut, BytesMut};
 
 use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::sender_report::SenderReport;
@@ -48,18 +51,32 @@ pub(super) struct Stamp {
     pub abs_send_time: Option<(u8, u32)>,
 }
 
-/// Where datagrams for the shell go, and the scratch buffer packets are marshalled in.
+/// Where datagrams for the shell go, and the pool of buffers packets are written in.
 pub(super) struct Tx<'a> {
     pub outputs: &'a mut VecDeque<Output>,
-    pub scratch: &'a mut Vec<u8>,
+    pub buffers: &'a mut Vec<BytesMut>,
     pub metrics: &'a Metrics,
+}
+
+/// Most buffers the pool keeps: a loop turn of a large fan-out (a 5-packet frame to 400
+/// subscribers) comes back whole; beyond it they are freed.
+pub const BUFFER_POOL_MAX: usize = 2048;
+/// A new buffer's capacity: a full-size RTP packet plus header extensions and the SRTP tag.
+const BUFFER_CAPACITY: usize = 1536;
+
+pub(super) fn recycle(pool: &mut Vec<BytesMut>, mut data: BytesMut) {
+    // Only buffers of about datagram size: a rare large one would pin its memory.
+    if pool.len() < BUFFER_POOL_MAX && (BUFFER_CAPACITY..=4 * BUFFER_CAPACITY).contains(&data.capacity()) {
+        data.clear();
+        pool.push(data);
+    }
 }
 
 /// Marshals a packet as `rtp::Packet::marshal` would (one-byte extensions; padding as the
 /// stack pads) into `buf`, and returns a header describing it for the SRTP context: SSRC,
 /// sequence number and header length (the extension block counted as `extensions_padding`, so
 /// no extension values need allocating).
-pub(super) fn marshal(buf: &mut Vec<u8>, h: &RtpOut, stamp: &Stamp, payload: &[u8]) -> rtp::header::Header {
+pub(super) fn marshal(buf: &mut BytesMut, h: &RtpOut, stamp: &Stamp, payload: &[u8]) -> rtp::header::Header {
     buf.clear();
     let mut ext = [0u8; 8];
     let mut ext_len = 0;
@@ -75,8 +92,8 @@ pub(super) fn marshal(buf: &mut Vec<u8>, h: &RtpOut, stamp: &Stamp, payload: &[u
     }
     let ext_words = ext_len.div_ceil(4);
     let extension = ext_len > 0;
-    buf.push(0x80 | u8::from(h.padding) << 5 | u8::from(extension) << 4);
-    buf.push(u8::from(h.marker) << 7 | (h.payload_type & 0x7f));
+    buf.put_u8(0x80 | u8::from(h.padding) << 5 | u8::from(extension) << 4);
+    buf.put_u8(u8::from(h.marker) << 7 | (h.payload_type & 0x7f));
     buf.extend_from_slice(&h.sequence_number.to_be_bytes());
     buf.extend_from_slice(&h.timestamp.to_be_bytes());
     buf.extend_from_slice(&h.ssrc.to_be_bytes());
@@ -92,7 +109,7 @@ pub(super) fn marshal(buf: &mut Vec<u8>, h: &RtpOut, stamp: &Stamp, payload: &[u
             r => 4 - r,
         };
         buf.extend(std::iter::repeat_n(0, pad - 1));
-        buf.push(pad as u8);
+        buf.put_u8(pad as u8);
     }
     rtp::header::Header {
         sequence_number: h.sequence_number,
@@ -121,21 +138,22 @@ pub(super) fn send_rtp(
         Some(cc) => cc.stamp(now, h.ssrc, h.sequence_number, payload.len() + 12, kind),
         None => Stamp::default(),
     };
-    let header = marshal(tx.scratch, h, &stamp, payload);
-    let scratch = &*tx.scratch;
-    let protected = super::guarded(tx.metrics, "protect rtp", || pc.protect_rtp_direct(now, &header, scratch));
+    let mut buf = tx.buffers.pop().unwrap_or_else(|| BytesMut::with_capacity(BUFFER_CAPACITY));
+    let header = marshal(&mut buf, h, &stamp, payload);
+    let protected = super::guarded(tx.metrics, "protect rtp", || pc.protect_rtp_in_place(now, &header, &mut buf));
     match protected {
-        Some(Ok(out)) => {
+        Some(Ok(transport)) => {
             if let Some(sr) = sr {
                 sr.on_sent(now, h.sequence_number, h.timestamp, payload.len());
             }
             tx.metrics.udp_datagrams_out.inc();
-            tx.metrics.udp_bytes_out.inc_by(out.message.len() as u64);
-            tx.outputs.push_back(Output::Transmit { local: out.transport.local_addr, remote: out.transport.peer_addr, data: out.message });
+            tx.metrics.udp_bytes_out.inc_by(buf.len() as u64);
+            tx.outputs.push_back(Output::Transmit { local: transport.local_addr, remote: transport.peer_addr, data: buf });
             true
         }
         Some(Err(e)) => {
             tracing::trace!(error = %e, "RTP not written");
+            recycle(tx.buffers, buf);
             false
         }
         None => false,
@@ -242,7 +260,7 @@ mod tests {
             Stamp { twcc: None, abs_send_time: Some((5, 0x12_3456)) },
             Stamp { twcc: Some((14, 7)), abs_send_time: Some((1, 0xab_cdef)) },
         ];
-        let mut buf = Vec::new();
+        let mut buf = BytesMut::new();
         for payload in payloads {
             for stamp in stamps {
                 for (marker, padding) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -280,9 +298,54 @@ mod tests {
         }
     }
 
+    /// The in-place write path (rtc-srtp patch) must give the exact datagrams the stack's own
+    /// `encrypt_rtp_with_header` gives, for both SRTP profiles and across the sequence number
+    /// wrap (rollover counter), and a receiver must decrypt them.
+    #[test]
+    fn in_place_protection_matches_the_stack_and_decrypts() {
+        use rtc::srtp::context::Context;
+        use rtc::srtp::protection_profile::ProtectionProfile;
+        let provider = rtc::crypto::default_provider().expect("crypto provider");
+        for profile in [ProtectionProfile::AeadAes128Gcm, ProtectionProfile::Aes128CmHmacSha1_80] {
+            let key = vec![7u8; profile.key_len()];
+            let salt = vec![9u8; profile.salt_len()];
+            let ctx = || Context::new(&key, &salt, profile, None, None, provider.crypto()).expect("context");
+            let (mut stack, mut ours, mut receiver) = (ctx(), ctx(), ctx());
+            let mut buf = BytesMut::new();
+            for (i, seq) in [65_533u16, 65_534, 65_535, 0, 1, 2].into_iter().enumerate() {
+                let h = RtpOut { marker: i % 2 == 0, payload_type: 96, sequence_number: seq, timestamp: 1000 * i as u32, ssrc: 0xabcd, padding: false };
+                let payload = vec![i as u8; 100 + 300 * i];
+                let stamp = Stamp { twcc: Some((3, seq)), abs_send_time: None };
+                let header = marshal(&mut buf, &h, &stamp, &payload);
+                let want = stack.encrypt_rtp_with_header(&buf, &header).expect("stack encrypts");
+                ours.encrypt_rtp_in_place(&mut buf, &header).expect("in place");
+                assert_eq!(&buf[..], &want[..], "{profile:?} seq {seq}");
+                let plain = receiver.decrypt_rtp(&buf).expect("receiver decrypts");
+                assert_eq!(&plain[plain.len() - payload.len()..], &payload[..], "{profile:?} seq {seq}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_buffer_pool_keeps_datagram_sized_buffers_up_to_its_bound() {
+        let mut pool = Vec::new();
+        let mut used = BytesMut::with_capacity(BUFFER_CAPACITY);
+        used.extend_from_slice(&[1; 1200]);
+        recycle(&mut pool, used);
+        assert_eq!(pool.len(), 1);
+        assert!(pool[0].is_empty() && pool[0].capacity() >= BUFFER_CAPACITY, "cleared, capacity kept");
+        recycle(&mut pool, BytesMut::with_capacity(64));
+        recycle(&mut pool, BytesMut::with_capacity(64 * 1024));
+        assert_eq!(pool.len(), 1, "a tiny or a huge buffer is not kept");
+        for _ in 0..BUFFER_POOL_MAX + 10 {
+            recycle(&mut pool, BytesMut::with_capacity(BUFFER_CAPACITY));
+        }
+        assert_eq!(pool.len(), BUFFER_POOL_MAX);
+    }
+
     #[test]
     fn out_of_range_extension_ids_are_left_out() {
-        let mut buf = Vec::new();
+        let mut buf = BytesMut::new();
         let h = RtpOut { marker: false, payload_type: 96, sequence_number: 1, timestamp: 2, ssrc: 3, padding: false };
         let shape = marshal(&mut buf, &h, &Stamp { twcc: Some((15, 1)), abs_send_time: Some((0, 1)) }, b"xy");
         assert_eq!(buf.len(), 14);

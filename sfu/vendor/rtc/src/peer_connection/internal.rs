@@ -195,6 +195,7 @@ impl RTCPeerConnection {
             ice_restart_requested: None,
             negotiation_needed_state: NegotiationNeededState::Empty,
             is_negotiation_ongoing: false,
+            direct_transport: None,
         })
     }
 

@@ -757,6 +757,10 @@ pub struct RTCPeerConnection {
     ice_restart_requested: Option<RTCOfferOptions>,
     negotiation_needed_state: NegotiationNeededState,
     is_negotiation_ongoing: bool,
+
+    /// Warbler patch (direct_rtp.rs): the transport of the selected candidate pair, keyed by the
+    /// pair's addresses, so the direct write path does not re-derive it for every packet.
+    pub(crate) direct_transport: Option<((std::net::SocketAddr, std::net::SocketAddr), shared::TransportContext)>,
 }
 
 impl RTCPeerConnection {
