@@ -164,6 +164,24 @@ async fn run(mut socket: WebSocket, state: Arc<AppState>) {
         info!(participant = %j.id, "signaling session ended");
     }
     let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: Utf8Bytes::from_static("bye") }))).await;
+    linger(&mut socket).await;
+}
+
+/// How long a closing session keeps reading (and discarding) what the client still sends.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Reads until the client's close (or end of stream, or [`CLOSE_LINGER`]): a socket closed with
+/// unread input is reset by the kernel, and a reset makes the client drop what it has not read
+/// yet, such as the error that says why it is being closed (a flooding client has plenty unread).
+async fn linger(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 enum Flow {
