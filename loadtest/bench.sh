@@ -98,7 +98,7 @@ if [ "$SKIP_PROFILE" = 0 ]; then
   PORT=18200
   if command -v perf >/dev/null && perf record -e cpu-clock -o /dev/null true >/dev/null 2>&1; then
     say "profile: perf record (cpu-clock, DWARF call graphs) of warbler during livestream with 300 subscribers"
-    taskset -c "$SFU_CPU" "$WARBLER" serve --listen 127.0.0.1:$PORT --rtc-port $((PORT+1)) --public-ip 127.0.0.1 \
+    WARBLER_LIMITS__MAX_PARTICIPANTS_PER_ROOM=10000 taskset -c "$SFU_CPU" "$WARBLER" serve --listen 127.0.0.1:$PORT --rtc-port $((PORT+1)) --public-ip 127.0.0.1 \
       --data-dir "$(mktemp -d)" 2>>"$LOG" &
     WPID=$!
     sleep 2
@@ -114,7 +114,7 @@ if [ "$SKIP_PROFILE" = 0 ]; then
       | grep '%' | sed 's/ *$//' | cut -c1-200 > "$OUT/profile-warbler-inclusive.txt" || true
   elif command -v valgrind >/dev/null; then
     say "profile: valgrind callgrind of warbler (small load: it runs ~50x slower)"
-    valgrind --tool=callgrind --callgrind-out-file="$OUT/raw/callgrind.out" "$WARBLER" serve --listen 127.0.0.1:$PORT \
+    WARBLER_LIMITS__MAX_PARTICIPANTS_PER_ROOM=10000 valgrind --tool=callgrind --callgrind-out-file="$OUT/raw/callgrind.out" "$WARBLER" serve --listen 127.0.0.1:$PORT \
       --rtc-port $((PORT+1)) --public-ip 127.0.0.1 --data-dir "$(mktemp -d)" 2>>"$LOG" &
     WPID=$!
     sleep 8

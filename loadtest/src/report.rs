@@ -20,11 +20,13 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// One line per run, for the terminal.
 pub fn summary(r: &RunResult) -> String {
     format!(
-        "{:?} {}: {} subs, delivered {:.0} pps ({:.1} Mbps), loss {:.3}%, latency p50 {:.2} / p99 {:.2} ms, jitter p99 {:.2} ms, \
+        "{:?} {}: {} subs{}, delivered {:.0} pps ({:.1} Mbps), loss {:.3}%, latency p50 {:.2} / p99 {:.2} ms, jitter p99 {:.2} ms, \
          freezes {}, ttfp p50 {:.0} ms; SFU {:.1} µs/pkt ({:.0} pkt/s/core, {:.0}% of a core, {:.0} MB); tester {:.0}% of a core ({:.1} µs/pkt)",
         r.target,
         r.scenario.name,
         r.subscribers,
+        // A run where some never joined measures a smaller room than it says: say so up front.
+        if r.failed_participants > 0 { format!(" ({} participants FAILED to join or connect)", r.failed_participants) } else { String::new() },
         r.delivered_pps,
         r.delivered_kbps / 1000.0,
         r.loss_pct,
@@ -63,6 +65,7 @@ pub fn compare_table(w: &RunResult, j: &RunResult) -> String {
     row("loss (%)", w.loss_pct, j.loss_pct, &|v| format!("{v:.3}"));
     row("freezes", w.freezes as f64, j.freezes as f64, &|v| format!("{v:.0}"));
     row("time to first packet p50 (ms)", w.time_to_first_packet_ms.p50, j.time_to_first_packet_ms.p50, &|v| format!("{v:.0}"));
+    row("participants that failed to join or connect", w.failed_participants as f64, j.failed_participants as f64, &|v| format!("{v:.0}"));
     row("SFU memory max (MB)", w.sfu_rss_mb_max, j.sfu_rss_mb_max, &|v| format!("{v:.0}"));
     row("tester CPU (share of a core)", w.tester_cores, j.tester_cores, &|v| format!("{:.1}%", v * 100.0));
     s

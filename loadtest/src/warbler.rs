@@ -44,7 +44,7 @@ pub async fn run_participant(
     let result = async {
         let token = dev_token(&http, &base, &p.room, &p.identity).await.context("dev token")?;
         let ws_url = format!("{}/ws", base.replacen("http", "ws", 1));
-        let (mut ws, _) = tokio::time::timeout(SIGNALING_TIMEOUT, tokio_tungstenite::connect_async(ws_url.as_str()))
+        let (mut ws, _) = tokio::time::timeout(SIGNALING_TIMEOUT, tokio_tungstenite::connect_async_with_config(ws_url.as_str(), Some(ws_config()), true))
             .await
             .context("websocket connect timed out")??;
         let joined_at = Instant::now();
@@ -179,4 +179,10 @@ where
             }
         }
     }
+}
+
+/// Signaling messages are small: tungstenite zero-fills its whole free read buffer on every read
+/// attempt, so the default 128 KiB would cost the tester CPU per connection and poll.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0)
 }
