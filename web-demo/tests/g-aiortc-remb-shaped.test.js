@@ -129,6 +129,10 @@ test('G: an aiortc (REMB-only) WHEP viewer on a 500 kbit/s link drops to a lower
           await sleep(Math.max(0, p2 + CAP_PHASE_MS - Date.now()));
           const underCap = widthAt(p2 + CAP_PHASE_MS - 5000, Date.now());
           const framesCapped = [samples.find((s) => s.at >= p2 + CAP_PHASE_MS - 5000)?.frames ?? 0, latest().frames];
+          // aiortc's own receiver stalls for seconds at a time under loss (its jitter buffer waits
+          // for packets it will not get, then for a keyframe), with Warbler forwarding throughout
+          // (no `paused` drops): flowing is judged over the last 10 s of the cap, not 5.
+          const framesCapped10 = [samples.find((s) => s.at >= p2 + CAP_PHASE_MS - 10000)?.frames ?? 0, latest().frames];
           const qdisc = ns.qdiscStats();
           const m2 = await scrapeMetrics(server.url);
 
@@ -146,7 +150,7 @@ test('G: an aiortc (REMB-only) WHEP viewer on a 500 kbit/s link drops to a lower
 
           t.diagnostic(`load average (1/5/15 min) at the end: ${os.loadavg().map((x) => x.toFixed(2)).join(' ')} on ${os.cpus().length} CPUs`);
           t.diagnostic(`unshaped: ${upInitially ? 'reached 1280' : 'never reached 1280'}; widths ${[...new Set(widthAt(p1, p2))].join('/')}; estimate ${estAt(p1, p2)}`);
-          t.diagnostic(`cap ${CAP}: first width below ${before} after ${downMs ?? 'never'} ms; longest stall ${stallMs(p2, p3)} ms; widths in the last 5 s ${[...new Set(underCap)].join('/')}; frames decoded there ${framesCapped[1] - framesCapped[0]}; estimate (REMB) ${estAt(p2, p3)}`);
+          t.diagnostic(`cap ${CAP}: first width below ${before} after ${downMs ?? 'never'} ms; longest stall ${stallMs(p2, p3)} ms; widths in the last 5 s ${[...new Set(underCap)].join('/')}; frames decoded there ${framesCapped[1] - framesCapped[0]} (in the last 10 s ${framesCapped10[1] - framesCapped10[0]}); estimate (REMB) ${estAt(p2, p3)}`);
           t.diagnostic(`lifted: back at 1280 after ${upMs ?? 'never (within ' + UP_BOUND_MS + ' ms)'} ms; longest stall ${stallMs(p3, p4)} ms; estimate (REMB) ${estAt(p3, p4)}`);
           t.diagnostic(`qdisc at the end of the cap: ${qdisc.replace(/\s+/g, ' ')}`);
           const dd = Object.entries(m2.dropped).map(([k, v]) => [k, v - (m0.dropped[k] ?? 0)]).filter(([, v]) => v > 0);
@@ -155,7 +159,8 @@ test('G: an aiortc (REMB-only) WHEP viewer on a 500 kbit/s link drops to a lower
 
           assert.ok(downMs != null, `the aiortc viewer's width dropped below ${before} within ${DOWN_BOUND_MS} ms of the cap`);
           assert.ok(underCap.length > 5 && underCap.every((w) => w > 0 && w <= 640), `it stays on a lower layer (≤ 640) under the cap: ${[...new Set(underCap)]}`);
-          assert.ok(framesCapped[1] - framesCapped[0] >= 10, 'video keeps flowing under the cap');
+          assert.ok(framesCapped10[1] - framesCapped10[0] >= 20, 'video keeps flowing under the cap (at least 2 frames/s over its last 10 s)');
+          assert.ok(!(m2.dropped.paused > (m0.dropped.paused ?? 0)), 'the server never paused the viewer\'s video under the cap (REMB mode keeps the lowest layer)');
           // Climbing back is reported, not asserted: without transport-cc the pace is set by
           // aiortc's own estimator (REMB: AIMD on what it receives, +8%/s) and its jitter buffer,
           // which here stalls for seconds after losses; the server pads above the estimate so
