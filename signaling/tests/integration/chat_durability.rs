@@ -7,12 +7,11 @@
 use crate::chat_support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chat_support::{ChatClient, T};
 use serde_json::{Value, json};
@@ -48,24 +47,9 @@ async fn serve(data: &Path) -> Serve {
         .stderr(Stdio::piped())
         .spawn()
         .expect("warbler starts");
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[warbler] {line}");
-        }
-    });
+    crate::common::forward_log(&mut child);
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await
-            && r.status().as_u16() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        assert!(child.try_wait().unwrap().is_none(), "server exited early");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::common::wait_healthy(&base, &mut child, Duration::from_secs(30)).await;
     Serve { child, ws_url: format!("ws://127.0.0.1:{port}/ws"), base }
 }
 

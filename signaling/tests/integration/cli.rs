@@ -3,7 +3,6 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -40,26 +39,10 @@ async fn serve(args: &[&str], env: &[(&str, &str)]) -> Serve {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("warbler starts");
-    // Forward the server's log to the test output (visible on failure).
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[warbler] {line}");
-        }
-    });
+    common::forward_log(&mut child);
     let port = args.iter().position(|a| *a == "--listen").map(|i| args[i + 1].rsplit(':').next().unwrap().parse().unwrap()).unwrap_or(port);
     let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await
-            && r.status().as_u16() == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not become healthy");
-        assert!(child.try_wait().unwrap().is_none(), "server exited early");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::wait_healthy(&base, &mut child, Duration::from_secs(20)).await;
     Serve { child, base, port }
 }
 

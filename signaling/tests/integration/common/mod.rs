@@ -268,3 +268,30 @@ impl Client {
         }
     }
 }
+
+/// Forwards a spawned `warbler` process's log to the test output (shown when a test fails).
+pub fn forward_log(child: &mut std::process::Child) {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[warbler] {line}");
+        }
+    });
+}
+
+/// Waits until `{base}/healthz` answers 200; fails the test if `child` exits first or `within`
+/// passes.
+pub async fn wait_healthy(base: &str, child: &mut std::process::Child, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Ok(r) = reqwest::get(format!("{base}/healthz")).await
+            && r.status().as_u16() == 200
+        {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not become healthy");
+        assert!(child.try_wait().unwrap().is_none(), "server exited early");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
